@@ -1,0 +1,3 @@
+from robustclip.cli import main
+
+main()
