@@ -75,6 +75,8 @@ class SpectralClip(nn.Module):
         two_sided: also raise tracked singular values more than 0.05 below c up to c.
         rescale_every_step: multiply the last weight by min(1, c / sigma) every step;
             ``None`` means "yes for compositions holding a BatchNorm".
+        clip_events: run FastClip events; ``False`` with ``rescale_every_step=True`` is
+            Gouk et al.'s baseline (power iteration, weight / max(1, sigma / c) every step).
         tol: a clip event ends when the re-estimated sigma_1 <= c * (1 + tol).
         max_rounds: descent + re-estimation rounds per clip event; if sigma_1 is still
             above c * (1 + tol) after them, the last weight is rescaled by c / sigma_1.
@@ -96,7 +98,8 @@ class SpectralClip(nn.Module):
     def __init__(self, module: nn.Module, clip: float | None = 1.0, *, k: int = 1,
                  clip_steps: int = 50, init_delay: int = 0, iters_per_step: int = 1,
                  init_iters: int = 100, two_sided: bool = False,
-                 rescale_every_step: bool | None = None, tol: float = 0.002,
+                 rescale_every_step: bool | None = None, clip_events: bool = True,
+                 tol: float = 0.002,
                  max_rounds: int = 8, descent_steps: int = 5, refine_iters: int = 30,
                  name: str | None = None,
                  writer: Any = None, log_every: int = 10,
@@ -119,6 +122,7 @@ class SpectralClip(nn.Module):
         self.two_sided, self.tol = two_sided, tol
         self.max_rounds, self.descent_steps = max_rounds, descent_steps
         self.refine_iters = refine_iters
+        self.clip_events = clip_events
         self.name = name or type(module).__name__
         self.writer, self.log_every = writer, log_every
         self.is_batchnorm = isinstance(module, _BATCHNORMS)
@@ -194,7 +198,7 @@ class SpectralClip(nn.Module):
                 self.rel_change = ((sigma - self.sigmas).abs() / sigma.clamp_min(1e-30)).max()
                 self.sigmas, self.vectors = sigma, x_block
         if self.clip is not None and self._count > self.init_delay:
-            if (self._count - self.init_delay) % self.clip_steps == 0:
+            if self.clip_events and (self._count - self.init_delay) % self.clip_steps == 0:
                 self.clip_now()
             elif self.rescale_every_step:
                 self._rescale()
