@@ -14,9 +14,11 @@ Training-mode forward, per call (one optimiser step):
    layer's ``weight`` tensors pulls A v_i towards (clip / sigma_i) A v_i and keeps the
    other tracked directions where they are; exact line search, then re-estimation, in
    rounds until the re-estimated sigma_1 is within ``tol`` of the clip;
-3. with ``rescale_every_step`` (the default for a conv+BN composite), the last
+3. with ``rescale_every_step`` (the default for a conv+BN composite), after each
+   optimiser step (a global ``torch.optim`` post-step hook; or at the next forward
+   when no torch optimiser is used), one more tracking iteration, and the last
    ``weight`` of the layer (BN's gamma in a composite) is multiplied by
-   min(1, clip / sigma) after each tracking step, without a host synchronisation.
+   min(1, clip / sigma), without a host synchronisation.
    BatchNorm in training mode divides by batch statistics, so a clip that moves the
    conv kernel is undone over the next steps as ``running_var`` catches up; the
    eval-mode composite (what users deploy and certify) would drift above the clip
@@ -31,11 +33,13 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from robustclip.errors import RobustclipError
 from robustclip.spectral import (
@@ -52,6 +56,23 @@ from robustclip.spectral import (
 )
 
 log = logging.getLogger(__name__)
+
+# Wrappers with ``rescale_every_step`` whose forward ran and whose rescale waits for the
+# optimiser step that follows it (see SpectralClip.rescale_now).
+_AWAITING_RESCALE: "weakref.WeakSet[SpectralClip]" = weakref.WeakSet()
+
+
+def _rescale_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimiser post-step hook: rescale the wrappers whose weights just moved."""
+    if not _AWAITING_RESCALE:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for wrapper in list(_AWAITING_RESCALE):
+        if id(wrapper._rescaled_param()) in stepped:
+            wrapper.rescale_now()
+
+
+register_optimizer_step_post_hook(_rescale_after_step)
 
 
 def _weight_names(module: nn.Module) -> list[str]:
@@ -75,6 +96,9 @@ class SpectralClip(nn.Module):
         two_sided: also raise tracked singular values more than 0.05 below c up to c.
         rescale_every_step: multiply the last weight by min(1, c / sigma) every step;
             ``None`` means "yes for compositions holding a BatchNorm".
+        track_extra: extra vectors tracked every step beyond k (default 2 with
+            ``rescale_every_step``, else 0): they catch a direction that rises above
+            the tracked ones between clip events.
         clip_events: run FastClip events; ``False`` with ``rescale_every_step=True`` is
             Gouk et al.'s baseline (power iteration, weight / max(1, sigma / c) every step).
         tol: a clip event ends when the re-estimated sigma_1 <= c * (1 + tol).
@@ -88,7 +112,8 @@ class SpectralClip(nn.Module):
         input_shape: shape of one input (no batch dim); known up front, it validates
             the layer at construction, otherwise at the first training call.
 
-    Buffers: ``vectors`` (k, *input_shape), ``sigmas`` (k,), ``rel_change`` (),
+    Buffers: ``vectors`` (p, *input_shape), ``sigmas`` (p,) descending, with
+    p = k + track_extra, ``rel_change`` (),
     ``step`` (), ``input_shape`` (ndim,).  Shapes are taken from a loaded state dict,
     so a freshly built model loads them before seeing any input.
     """
@@ -98,7 +123,8 @@ class SpectralClip(nn.Module):
     def __init__(self, module: nn.Module, clip: float | None = 1.0, *, k: int = 1,
                  clip_steps: int = 50, init_delay: int = 0, iters_per_step: int = 1,
                  init_iters: int = 100, two_sided: bool = False,
-                 rescale_every_step: bool | None = None, clip_events: bool = True,
+                 rescale_every_step: bool | None = None, track_extra: int | None = None,
+                 clip_events: bool = True,
                  tol: float = 0.002,
                  max_rounds: int = 8, descent_steps: int = 5, refine_iters: int = 30,
                  name: str | None = None,
@@ -129,6 +155,7 @@ class SpectralClip(nn.Module):
         holds_bn = any(isinstance(m, _BATCHNORMS) for m in module.modules())
         self.rescale_every_step = (holds_bn and not self.is_batchnorm
                                    if rescale_every_step is None else rescale_every_step)
+        self.track_extra = (2 if self.rescale_every_step else 0) if track_extra is None else track_extra
         if self.clip is not None and not _weight_names(module):
             raise RobustclipError(f"layer {self.name!r} has no trainable weight to clip; use clip=None to track it")
         self.register_buffer("vectors", torch.empty(0))
@@ -164,7 +191,7 @@ class SpectralClip(nn.Module):
         """Validate the layer on ``shape`` and find its top-k vectors from a random start."""
         check_finite(self.module, self.name)
         check_linear(self.module, shape, self.name)
-        p = min(self.k, math.prod(shape))
+        p = min(self.k + self.track_extra, math.prod(shape))
         x = random_block(p, shape, like=like,
                          generator=torch.Generator().manual_seed(hash(self.name) % 2**31))
         with eval_mode(self.module):
@@ -178,41 +205,62 @@ class SpectralClip(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            self._track(tuple(x.shape[1:]), x)
-        return self.module(x)
-
-    def _track(self, shape: tuple[int, ...], x: Tensor) -> None:
+        if not self.training:
+            return self.module(x)
+        shape = tuple(x.shape[1:])
         if self._shape != shape:
             if self._shape is not None:
                 warnings.warn(f"{self.name}: input shape changed from {self._shape} to {shape}; "
-                              f"re-initialising the singular vectors", stacklevel=3)
+                              f"re-initialising the singular vectors", stacklevel=2)
             self._initialise(shape, x)
+        elif self in _AWAITING_RESCALE:  # no torch optimiser stepped since the last forward
+            self.rescale_now()
         self._count += 1
         self.step.fill_(self._count)
-        with torch.no_grad(), eval_mode(self.module):
-            A = linear_map(self.module, shape)
-            x_block = self.vectors
-            for _ in range(self.iters_per_step):
-                sigma, x_block = power_qr_step(A, x_block)
-                self.rel_change = ((sigma - self.sigmas).abs() / sigma.clamp_min(1e-30)).max()
-                self.sigmas, self.vectors = sigma, x_block
-        if self.clip is not None and self._count > self.init_delay:
-            if self.clip_events and (self._count - self.init_delay) % self.clip_steps == 0:
-                self.clip_now()
-            elif self.rescale_every_step:
-                self._rescale()
+        active = self.clip is not None and self._count > self.init_delay
+        if active and self.clip_events and (self._count - self.init_delay) % self.clip_steps == 0:
+            self.clip_now()
+        out = self.module(x)
+        self._track()
+        if active and self.rescale_every_step:
+            _AWAITING_RESCALE.add(self)
         if self.writer is not None and self._count % self.log_every == 0:
             self.log_sigmas(self.writer, self._count)
+        return out
+
+    @torch.no_grad()
+    def _track(self) -> None:
+        """Warm-started PowerQR iterations on the operator as it is now.
+
+        Run after the module's forward, so that a BatchNorm's running statistics
+        already hold this step's update.
+        """
+        with eval_mode(self.module):
+            A = linear_map(self.module, self._shape)
+            for _ in range(self.iters_per_step):
+                sigma, vectors = power_qr_step(A, self.vectors)
+                self.rel_change = ((sigma - self.sigmas).abs() / sigma.clamp_min(1e-30)).max()
+                self.sigmas, self.vectors = sigma, vectors
 
     # ------------------------------------------------------------------ clipping
 
+    def _rescaled_param(self) -> nn.Parameter:
+        """The tensor that per-step rescaling multiplies: the layer's last ``weight``."""
+        return self.module.get_parameter(_weight_names(self.module)[-1])
+
     @torch.no_grad()
-    def _rescale(self) -> None:
-        """Multiply the last weight by min(1, c / sigma_1): no host synchronisation."""
-        name = _weight_names(self.module)[-1]
+    def rescale_now(self) -> None:
+        """One tracking iteration, then the last weight *= min(1, c / sigma_1).
+
+        With ``rescale_every_step`` this runs after each optimiser step (a global
+        optimiser post-step hook), so the operator left behind by a training step,
+        running statistics and weight update included, is within the clip.  No host
+        synchronisation.
+        """
+        _AWAITING_RESCALE.discard(self)
+        self._track()
         factor = (self.clip / self.sigmas[0].clamp_min(1e-30)).clamp(max=1.0)
-        self.module.get_parameter(name).mul_(factor)
+        self._rescaled_param().mul_(factor)
         self.sigmas = self.sigmas * factor
 
     @torch.no_grad()
@@ -234,11 +282,15 @@ class SpectralClip(nn.Module):
                 est = power_qr(A, self._refine_block(est.vectors), self.refine_iters)
             else:
                 scale = self._targets(est.values)
-        self.vectors, self.sigmas = est.vectors[: self.k].clone(), est.values[: self.k].clone()
-        if scale is not None and bool((est.values[0] > self.clip).item()):
+        p = self.vectors.shape[0]
+        self.vectors, self.sigmas = est.vectors[:p].clone(), est.values[:p].clone()
+        low = self.two_sided and bool(est.values[0] < self.clip - 0.05)
+        if scale is not None and (bool(est.values[0] > self.clip) or low):
             log.debug("%s: %d clip rounds left sigma_1 = %.4f above clip %.4f; rescaling",
                       self.name, self.max_rounds, float(est.values[0]), self.clip)
-            self._rescale()
+            factor = self.clip / est.values[0]
+            self._rescaled_param().mul_(factor)
+            self.sigmas = self.sigmas * factor
         return self.sigmas
 
     def _refine_block(self, vectors: Tensor) -> Tensor:
@@ -250,7 +302,7 @@ class SpectralClip(nn.Module):
         round are what let it be found.
         """
         d = math.prod(self._shape)
-        size = min(self.k + 4, d)
+        size = min(max(self.k + 4, vectors.shape[0] + 2), d)
         keep = vectors.flatten(1)[: max(size - 2, self.k)]
         fresh = random_block(size - keep.shape[0], self._shape, like=keep).flatten(1) \
             if size > keep.shape[0] else keep[:0]
