@@ -35,6 +35,47 @@ def main(verbose: bool) -> None:
     )
 
 
+@main.command(name="train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML config, e.g. configs/mnist-simpleconv-fastclip.toml "
+                   "(with --resume: default the run's config.toml).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: runs/<config file stem>).")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in DIR from its last.pt (same config).")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an existing run directory.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's).")
+@click.option("--seed", type=int, default=None, help="Override train.seed.")
+@click.option("--epochs", type=int, default=None, help="Override train.epochs.")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config value, e.g. --set train.lr=0.01 (repeatable).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Data root (default: $ROBUSTCLIP_DATA, else ~/.cache/robustclip/data).")
+def train_cmd(config_file: str | None, out: str | None, resume: str | None, overwrite: bool,
+              device: str | None, seed: int | None, epochs: int | None,
+              assignments: tuple[str, ...], data_dir: str | None) -> None:
+    """Train a model from a config: metrics.csv, TensorBoard events, last.pt and best.pt."""
+    from pathlib import Path
+
+    from robustclip.config import load_config, override
+    from robustclip.train import train
+
+    if resume and out and Path(out).resolve() != Path(resume).resolve():
+        raise RobustclipError("--resume DIR continues the run in DIR; drop --out")
+    if not (config_file or resume):
+        raise RobustclipError("give --config FILE (or --resume DIR)")
+    config = load_config(config_file or Path(resume) / "config.toml")
+    flags = [f"train.{k}={v}" for k, v in [("seed", seed), ("epochs", epochs), ("device", device)]
+             if v is not None]
+    config = override(config, [*assignments, *flags])
+    run = Path(resume or out or Path("runs") / Path(config_file).stem)
+    try:
+        train(config, run, resume=bool(resume), overwrite=overwrite, data_dir=data_dir)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    click.echo(run)
+
+
 @main.group(name="data")
 def data_group() -> None:
     """Fetch and list the datasets (mnist, fashion-mnist, cifar10)."""

@@ -1,0 +1,125 @@
+"""Checkpoints: plain data that ``torch.load(weights_only=True)`` reads, saved atomically.
+
+A checkpoint is a dict::
+
+    format          "robustclip-checkpoint";  format_version  1;  version  package version
+    model           {"name": str, "args": dict}          see robustclip.models.build_model
+    method          {"name": str, "args": dict}
+    dataset         str
+    epoch           last completed epoch (0-based);  global_step  training steps done
+    metrics         list of per-epoch metric dicts (the rows of metrics.csv)
+    config          the resolved config (nested dict)
+    state_dict      the model's state dict (wrapper buffers included)
+    optimizer, scheduler, rng   training state for an exact resume (optional)
+
+:func:`load` rebuilds the model from this metadata; nothing in the file is executed.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from robustclip.errors import RobustclipError
+
+FORMAT = "robustclip-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("model", "method", "dataset", "state_dict")
+#: The training state that :func:`load` leaves out of ``model.robustclip_meta``.
+TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "rng")
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Write ``checkpoint`` to ``path`` atomically: temp file in the same dir, fsync, rename."""
+    from robustclip import __version__
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION,
+                        "version": __version__, **checkpoint}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_file(path_or_run_dir: str | Path) -> Path:
+    """The checkpoint file itself, or a run directory's ``last.pt``."""
+    path = Path(path_or_run_dir)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise RobustclipError(f"no checkpoint at {path}")
+    return path
+
+
+def read_checkpoint(path_or_run_dir: str | Path) -> dict[str, Any]:
+    """Load a robustclip checkpoint safely (weights only, CPU tensors) and check its format."""
+    path = checkpoint_file(path_or_run_dir)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        globals_ = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if globals_:
+            raise RobustclipError(f"refusing to load {path}: it is a pickle that carries code "
+                                  f"({globals_[0]}); robustclip checkpoints hold plain data only") from None
+        raise RobustclipError(f"{path} is corrupt or not a torch checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise RobustclipError(f"{path} is corrupt or not a torch checkpoint: "
+                              f"{str(err).splitlines()[0][:120]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise RobustclipError(f"{path} is not a robustclip checkpoint (a foreign file or a bare "
+                              f"state dict); train with `robustclip train`")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise RobustclipError(f"{path}: checkpoint format {ckpt.get('format_version')!r} is not "
+                              f"supported (this robustclip reads {FORMAT_VERSION})")
+    missing = [key for key in _REQUIRED if key not in ckpt]
+    if missing:
+        raise RobustclipError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return ckpt
+
+
+def load_state(model: nn.Module, ckpt: dict[str, Any]) -> None:
+    """Load ``ckpt``'s state dict into ``model`` strictly; a mismatch is a one-line error."""
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise RobustclipError(f"checkpoint state does not fit model {ckpt['model']['name']!r}: "
+                              f"{' '.join(str(err).split())[:200]}") from None
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the model that ``ckpt`` describes and load its state dict."""
+    from robustclip.models import build_model
+
+    model = build_model(ckpt["model"]["name"], ckpt["dataset"], ckpt["method"]["name"],
+                        ckpt["method"]["args"], **ckpt["model"]["args"])
+    load_state(model, ckpt)
+    return model
+
+
+def load(path_or_run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """A trained model in eval mode from a checkpoint file or a run directory (``last.pt``).
+
+    device: where to put it (default CPU).  The checkpoint's metadata (model, method,
+    dataset, epoch, metrics, config, version) is attached as ``model.robustclip_meta``.
+    """
+    ckpt = read_checkpoint(path_or_run_dir)
+    model = model_from_checkpoint(ckpt)
+    model.robustclip_meta = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+    return model.to(device or "cpu").eval()

@@ -1,0 +1,276 @@
+"""Training runs: SGD + StepLR on a config, with metrics, TensorBoard, checkpoints, resume.
+
+A run directory holds:
+
+- ``config.toml``: the resolved config;
+- ``metrics.csv``: one row per epoch (0-based): epoch, train_loss, train_acc, test_loss,
+  test_acc (accuracies as fractions in [0, 1]), ``sigma/<layer>`` (each tracked layer's
+  top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (used in that epoch),
+  wall_time (seconds the epoch took, training and testing);
+- TensorBoard events: the same scalars at the global training step, plus each layer's
+  singular-value trace every ``log.log_every`` steps;
+- ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint.
+
+A resumed run continues from ``last.pt`` and is exact: weights, optimiser and scheduler,
+wrapper buffers and every RNG (global, data shuffling, augmentation) are restored, so on
+CPU it ends bit-for-bit where an uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from tqdm import tqdm
+
+from robustclip.checkpoint import load_state, read_checkpoint, save_checkpoint
+from robustclip.config import Config, differences, load_config, to_dict, to_toml
+from robustclip.data import dataset_info, load, synthetic
+from robustclip.errors import RobustclipError
+from robustclip.models import build_model, wrappers
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("config.toml", "metrics.csv", "last.pt", "best.pt")
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``auto``/None: CUDA when available, else CPU; otherwise the named device, checked."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RobustclipError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RobustclipError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _datasets(config: Config, data_dir: str | Path | None) -> tuple[TensorDataset, TensorDataset]:
+    """(train, test) image tensors in [0, 1] of shape (N, C, H, W), int64 labels."""
+    tc, name = config.train, config.data.dataset
+    if config.data.synthetic:
+        info = dataset_info(name)
+        n_train, n_test = tc.limit_train or 1024, tc.limit_test or 256
+        x, y = synthetic(n_train + n_test, info.shape, info.num_classes, seed=tc.seed).tensors
+        return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+    return (load(name, "train", data_dir, limit=tc.limit_train or None),
+            load(name, "test", data_dir, limit=tc.limit_test or None))
+
+
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop (zero padding 4) and horizontal flip per image; x: (N, C, H, W)."""
+    n, c, h, w = x.shape
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    dy, dx = torch.randint(0, 9, (2, n, 1), generator=generator).to(x.device)
+    x = F.pad(torch.where(flip.view(n, 1, 1, 1), x.flip(3), x), (4, 4, 4, 4))
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    return x[torch.arange(n, device=x.device)[:, None, None, None],
+             torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+def _run_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
+               optimizer: torch.optim.Optimizer | None = None,
+               transform: Callable[[Tensor], Tensor] | None = None,
+               desc: str = "", progress: bool = True) -> tuple[float, float, int]:
+    """One pass: training when ``optimizer`` is given, else evaluation (no grad, eval mode).
+
+    Returns (mean cross-entropy, accuracy in [0, 1], batches); one host sync at the end.
+    """
+    training = optimizer is not None
+    model.train(training)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = batches = 0
+    with torch.set_grad_enabled(training):
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            loss_sum += loss.detach().double() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            count += y.numel()
+            batches += 1
+    if count == 0:
+        raise RobustclipError("no samples to train or test on (limit_train / limit_test = 0?)")
+    return float(loss_sum) / count, int(correct) / count, batches
+
+
+def _sigmas(model: nn.Module) -> dict[str, float]:
+    """Each wrapper's top-k singular values as ``sigma/<name>[/i]``."""
+    return {f"sigma/{w.name}" + (f"/{i + 1}" if i else ""): v
+            for w in wrappers(model) for i, v in enumerate(w.sigmas[: w.k].tolist())}
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.csv`` atomically (the rows are few; a resume truncates it exactly)."""
+    fields = list(dict.fromkeys(key for row in rows for key in row)) or ["epoch"]
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device, *generators: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless resuming (same config) or overwriting."""
+    if resume and overwrite:
+        raise RobustclipError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise RobustclipError(f"run directory {out} is a file")
+    if resume:
+        saved = out / "config.toml"
+        if not saved.is_file():
+            raise RobustclipError(f"nothing to resume in {out}: it has no config.toml")
+        diff = differences(load_config(saved), config)
+        if diff:
+            raise RobustclipError(f"cannot resume {out} with a different config: "
+                                  f"{'; '.join(diff)} (run's vs given)")
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RobustclipError(f"run directory {out} already exists; use --resume to continue "
+                                  f"it or --overwrite to replace it")
+        for path in out.iterdir():
+            if path.name in RUN_FILES or path.name.startswith("events.out.tfevents."):
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False,
+          overwrite: bool = False, device: str | None = None,
+          data_dir: str | Path | None = None) -> Path:
+    """Train the model of ``config`` (a Config or a TOML path); write the run to ``out_dir``.
+
+    resume: continue the run in ``out_dir`` from its ``last.pt`` (its config.toml must
+    match ``config`` except train.epochs, train.device, log.progress); without a
+    checkpoint it starts over.  overwrite: replace robustclip's files in an existing
+    ``out_dir``.  device: overrides train.device.  data_dir: the data root (see
+    robustclip.data.data_root).  Returns the run directory.  Ctrl-C leaves ``last.pt`` at
+    the last completed epoch and re-raises KeyboardInterrupt.
+    """
+    if not isinstance(config, Config):
+        config = load_config(config)
+    out, tc = Path(out_dir), config.train
+    dev = resolve_device(device or tc.device)
+    torch.manual_seed(tc.seed)
+    model = build_model(config.model.name, config.data.dataset, config.method.name,
+                        config.method_args(), **config.model.args).to(dev)
+    _prepare_run_dir(out, config, resume, overwrite)
+    train_set, test_set = _datasets(config, data_dir)
+    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum,
+                                weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, tc.step_size, tc.gamma)
+    shuffle, crop = torch.Generator().manual_seed(tc.seed), torch.Generator().manual_seed(tc.seed + 1)
+    history: list[dict[str, Any]] = []
+    global_step = 0
+    if resume and (out / "last.pt").exists():
+        ckpt = read_checkpoint(out / "last.pt")
+        load_state(model, ckpt)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"], shuffle, crop)
+        history, global_step = ckpt["metrics"], ckpt["global_step"]
+        log.info("resuming %s after epoch %d (step %d)", out, ckpt["epoch"], global_step)
+    (out / "config.toml").write_text(to_toml(config))
+    _write_metrics(out / "metrics.csv", history)
+
+    loader = DataLoader(train_set, batch_size=None, generator=shuffle, pin_memory=dev.type == "cuda",
+                        sampler=BatchSampler(RandomSampler(train_set, generator=shuffle),
+                                             tc.batch_size, drop_last=False))
+    test_loader = DataLoader(test_set, batch_size=None, pin_memory=dev.type == "cuda",
+                             sampler=BatchSampler(SequentialSampler(test_set), tc.eval_batch_size, False))
+    transform = (lambda x: augment(x, crop)) if config.data.augment else None
+    writer = None
+    if config.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out), purge_step=global_step + 1 if resume else None)
+    for w in wrappers(model):
+        w.writer = writer
+    meta = {"model": {"name": config.model.name, "args": dict(config.model.args)},
+            "method": {"name": config.method.name, "args": config.method_args()},
+            "dataset": config.data.dataset, "config": to_dict(config)}
+    best = max((row["test_acc"] for row in history), default=-1.0)
+    log.info("%s + %s on %s (%d train, %d test samples), %s -> %s", config.model.name,
+             config.method.name, config.data.dataset, len(train_set), len(test_set), dev, out)
+    pending = None  # the checkpoint of a completed epoch until it is on disk
+    try:
+        for epoch in range(len(history), tc.epochs):
+            start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            train_loss, train_acc, steps = _run_epoch(
+                model, loader, dev, optimizer, transform, f"epoch {epoch}", config.log.progress)
+            global_step += steps
+            scheduler.step()
+            test_loss, test_acc, _ = _run_epoch(model, test_loader, dev, desc="test",
+                                                progress=config.log.progress)
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                   "test_loss": test_loss, "test_acc": test_acc, **_sigmas(model), "lr": lr,
+                   "wall_time": time.perf_counter() - start}
+            history.append(row)
+            pending = {**meta, "epoch": epoch, "global_step": global_step, "metrics": history,
+                       "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "rng": _rng_state(dev, shuffle, crop)}
+            _write_metrics(out / "metrics.csv", history)
+            if writer is not None:
+                _log_tensorboard(writer, row, model, global_step)
+            log.info("epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.3g | %.1fs",
+                     epoch, train_loss, train_acc, test_loss, test_acc, lr, row["wall_time"])
+            if test_acc > best:
+                best = test_acc
+                save_checkpoint(pending, out / "best.pt")
+            save_checkpoint(pending, out / "last.pt")
+            pending = None
+    except KeyboardInterrupt:
+        if pending is not None:
+            save_checkpoint(pending, out / "last.pt")
+        log.warning("interrupted: %s holds %s; continue with `robustclip train --resume %s`",
+                    out / "last.pt", f"epoch {len(history) - 1}" if history else "nothing yet", out)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    return out
+
+
+def _log_tensorboard(writer: Any, row: dict[str, Any], model: nn.Module, step: int) -> None:
+    """Epoch scalars at the global step; each wrapper's sigmas unless it logged this step."""
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        writer.add_scalar(key.replace("_", "/", 1), row[key], step)
+    writer.add_scalar("lr", row["lr"], step)
+    for w in wrappers(model):
+        if step % w.log_every:
+            w.log_sigmas(writer, step)
+    writer.flush()

@@ -1,0 +1,88 @@
+"""Tests for robustclip.models: registry, methods, wrapper names, Miyato scaling."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from robustclip import SpectralClip
+from robustclip.errors import RobustclipError
+from robustclip.models import METHODS, MODELS, ConvBN, Normalize, build_model, wrappers
+
+SMALL = {"simpleconv": {"channels": 4}, "simpleconv-composite": {"channels": 4},
+         "mnist-cnn": {"width": 4}, "resnet18": {"width": 4}, "dla": {"width": 2}}
+DATASET = {"simpleconv": "mnist", "simpleconv-composite": "mnist", "mnist-cnn": "mnist",
+           "resnet18": "cifar10", "dla": "cifar10"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and immune to oversubscribed cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _unwrapped_paths(name: str) -> set[str]:
+    return {n for n, _ in build_model(name, DATASET[name], **SMALL[name]).named_modules()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_every_model_and_method_builds_and_runs(name, method):
+    if method == "fastclip-composite" and name == "simpleconv":
+        pytest.skip("simpleconv has no composite (tested below)")
+    model = build_model(name, DATASET[name], method, {"clip": 1.0}, **SMALL[name])
+    shape = (1, 28, 28) if DATASET[name] == "mnist" else (3, 32, 32)
+    assert model.eval()(torch.rand(2, *shape)).shape == (2, 10)
+    names = [w.name for w in wrappers(model)]
+    assert set(names) <= _unwrapped_paths(name)  # qualified paths of the unwrapped model
+    convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in build_model(name, DATASET[name], **SMALL[name]).modules())
+    composites = sum(isinstance(m, ConvBN) for m in build_model(name, DATASET[name], **SMALL[name]).modules())
+    expected = {"none": 0, "miyato": 0, "fastclip": convs, "gouk": convs,
+                "fastclip-composite": convs + composites}[method]
+    assert len(names) == expected
+
+
+def test_wrapper_names_and_kinds():
+    plain = build_model("simpleconv", "mnist", "fastclip", {"clip": 1.0, "init_delay": 7})
+    assert [w.name for w in wrappers(plain)] == ["conv1", "fc1"]
+    assert all(w.init_delay == 7 and not w.rescale_every_step for w in wrappers(plain))
+    composite = build_model("simpleconv-composite", "mnist", "fastclip-composite")
+    assert [w.name for w in wrappers(composite)] == ["conv1", "conv1.conv", "fc1"]
+    assert isinstance(composite.conv1.module.conv, SpectralClip)
+    assert composite.conv1.rescale_every_step and not composite.fc1.rescale_every_step
+    gouk = build_model("simpleconv", "mnist", "gouk")
+    assert all(w.rescale_every_step and not w.clip_events for w in wrappers(gouk))
+    resnet = build_model("resnet18", "cifar10", "fastclip", width=4)
+    assert "layer1.0.conv1.conv" in [w.name for w in wrappers(resnet)]
+
+
+def test_miyato_normalises_reshaped_kernel_to_clip():
+    torch.manual_seed(0)
+    model = build_model("simpleconv", "mnist", "miyato", {"clip": 0.5, "iters_per_step": 30}, channels=4)
+    model.train()(torch.rand(4, 1, 28, 28))
+    for layer in (model.conv1, model.fc1):
+        assert float(torch.linalg.matrix_norm(layer.weight.detach().flatten(1), 2)) == pytest.approx(0.5, rel=1e-3)
+
+
+def test_normalize_layer():
+    norm = Normalize((0.5, 0.25), (0.5, 0.25))
+    x = torch.rand(3, 2, 4, 4)
+    assert torch.allclose(norm(x)[:, 1], (x[:, 1] - 0.25) / 0.25)
+    assert set(norm.state_dict()) == {"mean", "std"}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: build_model("resnet", "cifar10"), "unknown model 'resnet'; valid models: simpleconv"),
+    (lambda: build_model("simpleconv", "mnist", "fastclp"), "unknown method 'fastclp'"),
+    (lambda: build_model("simpleconv", "mnist", "fastclip", {"clp": 1}), "unknown method argument(s) clp"),
+    (lambda: build_model("simpleconv", "mnist", width=3), "model 'simpleconv': bad argument"),
+    (lambda: build_model("simpleconv", "mnist", "fastclip-composite"), "use simpleconv-composite"),
+    (lambda: build_model("simpleconv", "mnst"), "unknown dataset 'mnst'"),
+])
+def test_errors_are_one_line(call, message):
+    with pytest.raises(RobustclipError, match=None) as err:
+        call()
+    assert message in str(err.value) and "\n" not in str(err.value)

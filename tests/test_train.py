@@ -1,0 +1,271 @@
+"""Tests for robustclip.train, robustclip.config, robustclip.checkpoint and `robustclip train`."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import robustclip
+import robustclip.train as train_mod
+from robustclip.checkpoint import read_checkpoint
+from robustclip.cli import main
+from robustclip.config import Config, differences, from_dict, load_config, override, to_toml, tomllib
+from robustclip.data import synthetic
+from robustclip.errors import RobustclipError
+from robustclip.models import METHODS
+from robustclip.train import augment, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.synthetic=true", "train.limit_train=96", "train.limit_test=32", "train.batch_size=32",
+    "train.epochs=1", "model.args.channels=4", "method.init_delay=1", "method.clip_steps=2",
+    "method.init_iters=10", "method.max_rounds=1", "method.refine_iters=3",
+    "method.descent_steps=2", "log.progress=false", "log.log_every=1", "train.device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, immune to busy cores, and matches the subprocesses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(method: str = "fastclip", *extra: str) -> Config:
+    model = "simpleconv-composite" if method == "fastclip-composite" else "simpleconv"
+    return override(Config(), [*TINY, f"model.name={model}", f"method.name={method}", *extra])
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def fastclip_run(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = train(tiny("fastclip", "train.epochs=2"), tmp_path_factory.mktemp("runs") / "fastclip")
+    torch.set_num_threads(threads)
+    return run
+
+
+# ---------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "fastclip"])
+def test_every_method_trains(tmp_path, method):
+    run = train(tiny(method), tmp_path / method)
+    (row,) = rows(run)
+    assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "wall_time"} <= set(row)
+    assert 0 <= float(row["train_acc"]) <= 1 and 0 <= float(row["test_acc"]) <= 1
+    sigmas = sorted(k for k in row if k.startswith("sigma/"))
+    assert sigmas == {"none": [], "miyato": [], "gouk": ["sigma/conv1", "sigma/fc1"],
+                      "fastclip-composite": ["sigma/conv1", "sigma/conv1.conv", "sigma/fc1"]}[method]
+    assert all(0 < float(row[k]) < 1.01 for k in sigmas)  # gouk/composite: rescaled every step
+    assert {"config.toml", "metrics.csv", "last.pt", "best.pt"} <= {p.name for p in run.iterdir()}
+    assert any(p.name.startswith("events.out.tfevents.") for p in run.iterdir())
+
+
+def test_fastclip_run_files(fastclip_run):
+    table = rows(fastclip_run)
+    assert [r["epoch"] for r in table] == ["0", "1"]
+    assert float(table[-1]["sigma/conv1"]) < 1.01  # clipped at the clip events
+    assert load_config(fastclip_run / "config.toml") == tiny("fastclip", "train.epochs=2")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(fastclip_run)).Reload()
+    assert {"train/loss", "test/acc", "lr", "sigma/conv1", "sigma/fc1"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("sigma/conv1")) == 6  # every step (log_every=1), 3 steps per epoch
+
+
+@pytest.mark.mnist
+def test_real_mnist(tmp_path, mnist_root):
+    config = tiny("fastclip", "data.synthetic=false", "train.limit_train=512",
+                  "train.limit_test=256", "train.lr=0.05", "method.init_delay=100")
+    run = train(config, tmp_path / "mnist", data_dir=mnist_root)
+    assert float(rows(run)[0]["test_acc"]) > 0.5
+
+
+def test_augment_is_a_seeded_crop_and_flip():
+    x = torch.rand(16, 3, 32, 32)
+    a, b = (augment(x, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert ((a == 0).float().mean() > 0) and not torch.equal(a, x)
+
+
+# ---------------------------------------------------------------------------- resume
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "robustclip", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """Kill a run mid-training, resume it: same weights, optimiser and metrics, bit for bit."""
+    config = tiny("fastclip-composite", "train.epochs=10", "train.limit_train=160")
+    (tmp_path / "c.toml").write_text(to_toml(config))
+    # Same string hashes in every process (SpectralClip seeds its random start with hash(name)).
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    whole = _cli("--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "whole"), env=env)
+    killed = _cli("--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "killed"), env=env)
+    while not (tmp_path / "killed" / "last.pt").exists() and killed.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.05)  # into the next epoch
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, killed.stderr.read().decode()
+    done = read_checkpoint(tmp_path / "killed")["epoch"]
+    assert done < 9, "the run finished before it was killed"
+    result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "killed")])
+    assert result.exit_code == 0, result.output
+    assert whole.wait() == 0, whole.stderr.read().decode()
+    a, b = (read_checkpoint(tmp_path / name) for name in ("whole", "killed"))
+    assert a["epoch"] == b["epoch"] == 9 and a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert all(torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+               for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()))
+    strip = lambda table: [{k: v for k, v in r.items() if k != "wall_time"} for r in table]  # noqa: E731
+    assert strip(rows(tmp_path / "whole")) == strip(rows(tmp_path / "killed"))
+    assert len(rows(tmp_path / "killed")) == 10
+
+
+def test_ctrl_c_keeps_last_completed_epoch(tmp_path, monkeypatch):
+    real, calls = train_mod._run_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1's training pass
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_run_epoch", interrupted)
+    config = tiny("gouk", "train.epochs=3")
+    (tmp_path / "c.toml").write_text(to_toml(config))
+    result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    assert read_checkpoint(tmp_path / "run")["epoch"] == 0 and len(rows(tmp_path / "run")) == 1
+    monkeypatch.setattr(train_mod, "_run_epoch", real)
+    train(config, tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == ["0", "1", "2"]
+
+
+def test_run_dir_refused_unless_resume_or_overwrite(tmp_path, fastclip_run):
+    config = load_config(fastclip_run / "config.toml")
+    with pytest.raises(RobustclipError, match="already exists; use --resume .* or --overwrite"):
+        train(config, fastclip_run)
+    with pytest.raises(RobustclipError, match=r"different config: method.clip \(1.0 vs 0.5\)"):
+        train(override(config, ["method.clip=0.5"]), fastclip_run, resume=True)
+    with pytest.raises(RobustclipError, match="nothing to resume"):
+        train(config, tmp_path / "empty", resume=True)
+    train(config, fastclip_run, resume=True)  # already done: no epoch runs, nothing changes
+    assert len(rows(fastclip_run)) == 2
+    (tmp_path / "c.toml").write_text(to_toml(tiny("none")))
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["train", "--config", str(tmp_path / "c.toml"), "--out", str(out)]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1
+    assert refused.output.startswith("error: run directory")
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "last.pt").exists()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip(fastclip_run):
+    model = robustclip.load(fastclip_run)
+    assert not model.training and model.robustclip_meta["epoch"] == 1
+    assert model.robustclip_meta["method"]["name"] == "fastclip"
+    assert "state_dict" not in model.robustclip_meta
+    raw = torch.load(fastclip_run / "last.pt", weights_only=True)
+    assert all(torch.equal(v, raw["state_dict"][k]) for k, v in model.state_dict().items())
+    x, y = synthetic(96 + 32, seed=1).tensors  # the run's synthetic data (seed = train.seed)
+    with torch.no_grad():
+        acc = (model(x[96:]).argmax(1) == y[96:]).float().mean()
+    assert float(acc) == pytest.approx(float(rows(fastclip_run)[-1]["test_acc"]))
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload.mark, ())
+
+    @staticmethod
+    def mark():
+        _Payload.ran = True
+
+
+def test_unsafe_corrupt_and_foreign_files_are_refused(tmp_path, fastclip_run):
+    ckpt = torch.load(fastclip_run / "last.pt", weights_only=True)
+    torch.save({**ckpt, "extra": _Payload()}, tmp_path / "code.pt")
+    with pytest.raises(RobustclipError, match="carries code"):
+        robustclip.load(tmp_path / "code.pt")
+    assert not _Payload.ran
+    data = (fastclip_run / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    torch.save(ckpt["state_dict"], tmp_path / "bare.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name, message in [("cut.pt", "corrupt"), ("text.pt", "corrupt"),
+                          ("bare.pt", "not a robustclip checkpoint"), ("missing.pt", "no checkpoint")]:
+        with pytest.raises(RobustclipError, match=message) as err:
+            robustclip.load(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nepcohs = 3\n", r"unknown key 'train.epcohs' in .*; did you mean 'epochs'\? valid: epochs, batch_size"),
+    ("[trian]\nepochs = 3\n", r"unknown section 'trian' .*did you mean 'train'"),
+    ("[train]\nepochs = 'three'\n", r"train.epochs must be int, got 'three'"),
+    ("[train]\nlr = -1\n", r"train.lr must be >= 0"),
+    ("[model]\nname = 'simpleconvv'\n", r"unknown value 'simpleconvv' for model.name .*did you mean 'simpleconv'"),
+    ("[method]\nname = 'fastclip\n", r"cannot read config"),
+])
+def test_config_errors(tmp_path, text, message):
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(RobustclipError, match=message):
+        load_config(tmp_path / "c.toml")
+
+
+def test_overrides_typed_by_schema():
+    config = override(Config(), ["train.lr=0.01", "train.epochs=3", "method.name=gouk",
+                                 "data.synthetic=true", "model.args.channels=8", "train.device=cuda:1"])
+    assert (config.train.lr, config.train.epochs, config.method.name) == (0.01, 3, "gouk")
+    assert config.data.synthetic is True and config.model.args == {"channels": 8}
+    assert config.train.device == "cuda:1" and isinstance(override(Config(), ["train.lr=1"]).train.lr, float)
+    for bad, message in [("train.epochs=abc", "train.epochs must be int, got 'abc'"),
+                         ("train.lr", "--set expects section.key=value"),
+                         ("train.momentun=0.5", "did you mean 'momentum'"),
+                         ("log.progress=yes", "log.progress must be bool")]:
+        with pytest.raises(RobustclipError, match=message):
+            override(Config(), [bad])
+    assert differences(Config(), override(Config(), ["train.epochs=3", "train.seed=2"])) == ["train.seed (1 vs 2)"]
+
+
+def test_cli_config_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", str(ROOT / "configs/mnist-simpleconv-none.toml"),
+                                       "--out", str(tmp_path / "r"), "--set", "train.epoch=2"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "did you mean 'epochs'" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_parse_and_round_trip(path):
+    config = load_config(path)
+    assert from_dict(tomllib.loads(to_toml(config))) == config
+    model, _, method = path.stem.partition("-")[2].partition("-")
+    assert (config.method.name, config.model.name.split("-")[0]) == (method, model)
