@@ -96,9 +96,12 @@ class SpectralClip(nn.Module):
         two_sided: also raise tracked singular values more than 0.05 below c up to c.
         rescale_every_step: multiply the last weight by min(1, c / sigma) every step;
             ``None`` means "yes for compositions holding a BatchNorm".
-        track_extra: extra vectors tracked every step beyond k (default 2 with
-            ``rescale_every_step``, else 0): they catch a direction that rises above
-            the tracked ones between clip events.
+        track_extra: extra vectors tracked every step beyond k (default 4 with
+            ``rescale_every_step``, else 0).  Clipping flattens the top of the spectrum
+            into a plateau near c; with BatchNorm's running statistics drifting, a
+            plateau member outside the tracked block can rise unseen.  Measured on a
+            small conv+BN over 5 seeds: worst eval-mode sigma_1 1.059 c with 2 extra
+            vectors, 1.004 c with 4, 1.001 c with 6.
         clip_events: run FastClip events; ``False`` with ``rescale_every_step=True`` is
             Gouk et al.'s baseline (power iteration, weight / max(1, sigma / c) every step).
         tol: a clip event ends when the re-estimated sigma_1 <= c * (1 + tol).
@@ -155,7 +158,7 @@ class SpectralClip(nn.Module):
         holds_bn = any(isinstance(m, _BATCHNORMS) for m in module.modules())
         self.rescale_every_step = (holds_bn and not self.is_batchnorm
                                    if rescale_every_step is None else rescale_every_step)
-        self.track_extra = (2 if self.rescale_every_step else 0) if track_extra is None else track_extra
+        self.track_extra = (4 if self.rescale_every_step else 0) if track_extra is None else track_extra
         if self.clip is not None and not _weight_names(module):
             raise RobustclipError(f"layer {self.name!r} has no trainable weight to clip; use clip=None to track it")
         self.register_buffer("vectors", torch.empty(0))

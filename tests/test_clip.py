@@ -104,8 +104,10 @@ def test_conv_stays_clipped_at_every_clip_event_over_sgd_training(monkeypatch):
     assert max(seen) <= 1.01, seen
 
 
-def test_composite_stays_within_bound_at_every_step():
+@pytest.mark.parametrize("seed", [0, 2])
+def test_composite_stays_within_bound_at_every_step(seed):
     """The eval-mode conv+BN (running statistics) is bounded at every step, not only at clip events."""
+    torch.manual_seed(seed)
     shape = (1, 8, 8)
     inner = SpectralClip(nn.Conv2d(1, 6, 3, padding=1), 1.0, clip_steps=20, init_delay=20, name="conv")
     composite = SpectralClip(nn.Sequential(inner, nn.BatchNorm2d(6)), 1.0, clip_steps=20,
