@@ -226,7 +226,7 @@ def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False
     best = max((row["test_acc"] for row in history), default=-1.0)
     log.info("%s + %s on %s (%d train, %d test samples), %s -> %s", config.model.name,
              config.method.name, config.data.dataset, len(train_set), len(test_set), dev, out)
-    pending = None  # the checkpoint of a completed epoch until it is on disk
+    pending, saved = None, len(history) - 1  # checkpoint of a completed epoch until on disk
     try:
         for epoch in range(len(history), tc.epochs):
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
@@ -252,12 +252,13 @@ def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False
                 best = test_acc
                 save_checkpoint(pending, out / "best.pt")
             save_checkpoint(pending, out / "last.pt")
-            pending = None
+            pending, saved = None, epoch
     except KeyboardInterrupt:
         if pending is not None:
             save_checkpoint(pending, out / "last.pt")
-        log.warning("interrupted: %s holds %s; continue with `robustclip train --resume %s`",
-                    out / "last.pt", f"epoch {len(history) - 1}" if history else "nothing yet", out)
+            saved = pending["epoch"]
+        log.warning("interrupted: %s; continue with `robustclip train --resume %s`",
+                    f"{out / 'last.pt'} holds epoch {saved}" if saved >= 0 else "no epoch completed", out)
         raise
     finally:
         if writer is not None:
