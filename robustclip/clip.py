@@ -34,6 +34,7 @@ import logging
 import math
 import warnings
 import weakref
+import zlib
 from typing import Any, Sequence
 
 import torch
@@ -108,7 +109,8 @@ class SpectralClip(nn.Module):
         max_rounds: descent + re-estimation rounds per clip event; if sigma_1 is still
             above c * (1 + tol) after them, the last weight is rescaled by c / sigma_1.
         descent_steps: exact-line-search descent steps per round.
-        refine_iters: PowerQR iterations re-estimating sigma in each round.
+        refine_iters: PowerQR iterations estimating sigma before the first and after
+            the last round (half as many between rounds).
         name: tag for logging (TensorBoard ``sigma/<name>``); default: the class name.
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or None).
         log_every: log the tracked singular values every this many steps.
@@ -128,8 +130,8 @@ class SpectralClip(nn.Module):
                  init_iters: int = 100, two_sided: bool = False,
                  rescale_every_step: bool | None = None, track_extra: int | None = None,
                  clip_events: bool = True,
-                 tol: float = 0.002,
-                 max_rounds: int = 8, descent_steps: int = 5, refine_iters: int = 30,
+                 tol: float = 0.005,
+                 max_rounds: int = 3, descent_steps: int = 5, refine_iters: int = 20,
                  name: str | None = None,
                  writer: Any = None, log_every: int = 10,
                  input_shape: Sequence[int] | None = None) -> None:
@@ -158,7 +160,9 @@ class SpectralClip(nn.Module):
         holds_bn = any(isinstance(m, _BATCHNORMS) for m in module.modules())
         self.rescale_every_step = (holds_bn and not self.is_batchnorm
                                    if rescale_every_step is None else rescale_every_step)
-        self.track_extra = (4 if self.rescale_every_step else 0) if track_extra is None else track_extra
+        composite = holds_bn and not self.is_batchnorm
+        self.track_extra = (4 if composite and self.rescale_every_step else 0) \
+            if track_extra is None else track_extra
         if self.clip is not None and not _weight_names(module):
             raise RobustclipError(f"layer {self.name!r} has no trainable weight to clip; use clip=None to track it")
         self.register_buffer("vectors", torch.empty(0))
@@ -196,7 +200,7 @@ class SpectralClip(nn.Module):
         check_linear(self.module, shape, self.name)
         p = min(self.k + self.track_extra, math.prod(shape))
         x = random_block(p, shape, like=like,
-                         generator=torch.Generator().manual_seed(hash(self.name) % 2**31))
+                         generator=torch.Generator().manual_seed(zlib.crc32(self.name.encode())))
         with eval_mode(self.module):
             est = power_qr(linear_map(self.module, shape), x, self.init_iters)
         self.vectors = est.vectors
@@ -224,9 +228,10 @@ class SpectralClip(nn.Module):
         if active and self.clip_events and (self._count - self.init_delay) % self.clip_steps == 0:
             self.clip_now()
         out = self.module(x)
-        self._track()
         if active and self.rescale_every_step:
-            _AWAITING_RESCALE.add(self)
+            _AWAITING_RESCALE.add(self)  # rescale_now tracks, after the optimiser step
+        else:
+            self._track()
         if self.writer is not None and self._count % self.log_every == 0:
             self.log_sigmas(self.writer, self._count)
         return out
@@ -277,20 +282,22 @@ class SpectralClip(nn.Module):
         with eval_mode(self.module):
             A = linear_map(self.module, self._shape)
             est = power_qr(A, self._refine_block(self.vectors), self.refine_iters)
+            descended = False
             for _ in range(self.max_rounds):
                 scale = self._targets(est.values)
                 if scale is None:
                     break
                 self._descend(est.vectors, scale)
+                descended = True
+                est = power_qr(A, self._refine_block(est.vectors), max(self.refine_iters // 2, 1))
+            if descended:  # the short in-round estimates are lower bounds: verify
                 est = power_qr(A, self._refine_block(est.vectors), self.refine_iters)
-            else:
-                scale = self._targets(est.values)
+            sigma_1 = float(est.values[0])
         p = self.vectors.shape[0]
         self.vectors, self.sigmas = est.vectors[:p].clone(), est.values[:p].clone()
-        low = self.two_sided and bool(est.values[0] < self.clip - 0.05)
-        if scale is not None and (bool(est.values[0] > self.clip) or low):
-            log.debug("%s: %d clip rounds left sigma_1 = %.4f above clip %.4f; rescaling",
-                      self.name, self.max_rounds, float(est.values[0]), self.clip)
+        if sigma_1 > self.clip * (1 + self.tol) or (self.two_sided and sigma_1 < self.clip - 0.05):
+            log.debug("%s: after %d clip rounds sigma_1 = %.4f (clip %.4f); rescaling",
+                      self.name, self.max_rounds, sigma_1, self.clip)
             factor = self.clip / est.values[0]
             self._rescaled_param().mul_(factor)
             self.sigmas = self.sigmas * factor
@@ -305,7 +312,7 @@ class SpectralClip(nn.Module):
         round are what let it be found.
         """
         d = math.prod(self._shape)
-        size = min(max(self.k + 4, vectors.shape[0] + 2), d)
+        size = min(max(self.k + 4, self.vectors.shape[0] + 2), d)
         keep = vectors.flatten(1)[: max(size - 2, self.k)]
         fresh = random_block(size - keep.shape[0], self._shape, like=keep).flatten(1) \
             if size > keep.shape[0] else keep[:0]
@@ -330,7 +337,8 @@ class SpectralClip(nn.Module):
         Block-coordinate steepest descent, one ``weight`` tensor at a time: A is linear
         in each of them alone (a conv+BN composite is bilinear in kernel and gamma, and
         joint steps are badly scaled), so the step along the gradient is found exactly
-        from the directional derivative of A (forward-mode jvp).  Gradients are taken
+        from the directional derivative of A, which is A evaluated with that tensor
+        replaced by the gradient.  Gradients are taken
         with ``torch.autograd.grad``: no ``.grad`` is touched.
         """
         params = dict(self.module.named_parameters())
@@ -349,7 +357,7 @@ class SpectralClip(nn.Module):
                     residual = apply(name, value) - target
                     (grad,) = torch.autograd.grad(0.5 * residual.pow(2).sum(), value)
                 value = value.detach()
-                _, slope = torch.func.jvp(lambda v: apply(name, v), (value,), (grad,))
+                slope = apply(name, grad)  # A is linear in this tensor alone: A(grad) = dA/dt
                 alpha = (residual.detach() * slope).sum() / slope.pow(2).sum().clamp_min(1e-30)
                 theta[name] = value - alpha * grad
         for name, value in theta.items():
