@@ -104,3 +104,90 @@ def data_list(data_dir: str | None) -> None:
         size = f"{row['size'] / 1e6:.1f} MB"
         present = "yes" if row["present"] else "no"
         click.echo(f"{row['name']:<14} {present:<8} {size:>9}  {row['path']}")
+
+
+# ------------------------------------------------------------ attack, transfer, lipschitz
+
+_RUNS = click.argument("runs", nargs=-1, required=True, type=click.Path())
+_EVAL_OPTIONS = [
+    click.option("--eps", type=float, multiple=True,
+                 help="Budget in pixel units (repeatable); overrides a suite's eps lists."),
+    click.option("--attack", "attacks", multiple=True,
+                 help="Attack name (repeatable): fgsm, pgd, pgdl2, cw, apgd, square; "
+                      "with --suite, keeps these attacks of the suite. Default: pgd."),
+    click.option("--suite", type=click.Path(dir_okay=False),
+                 help="TOML attack suite, e.g. attacks/mnist.toml."),
+    click.option("--limit", type=int, default=None, help="First N test samples."),
+    click.option("--batch-size", type=int, default=256, show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--device", default=None, help="Device for the models (default: as saved)."),
+    click.option("--ensemble-output", type=click.Choice(["softmax", "logits"]),
+                 default="softmax", show_default=True,
+                 help="Ensemble output: log of mean softmax, or mean of logits."),
+    click.option("--out", type=click.Path(file_okay=False), default=None,
+                 help="Write results.csv/.json/.md and plots here."),
+    click.option("--overwrite", is_flag=True, help="Allow a non-empty --out directory."),
+    click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                 help="Data root (default: $ROBUSTCLIP_DATA, else ~/.cache/robustclip/data)."),
+]
+
+
+def _with(options):
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+@main.command(name="attack")
+@_RUNS
+@_with(_EVAL_OPTIONS)
+@click.option("--ensemble", is_flag=True, help="Also attack the ensemble of all RUNs.")
+def attack_cmd(**options) -> None:
+    """Attack each RUN (run dir or checkpoint) on its test set; print and save the table."""
+    from robustclip.report import attack_command
+
+    attack_command(**options)
+
+
+@main.command(name="transfer")
+@_RUNS
+@_with(_EVAL_OPTIONS)
+def transfer_cmd(**options) -> None:
+    """Transfer matrix among RUNs (diagonal: white-box) and surrogate-ensemble rows."""
+    from robustclip.report import transfer_command
+
+    transfer_command(**options)
+
+
+@main.command(name="lipschitz")
+@_RUNS
+@click.option("--limit", type=int, default=None, help="Test samples for the empirical ratio (default 256).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--tol", type=float, default=1e-6, show_default=True, help="PowerQR convergence.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+def lipschitz_cmd(**options) -> None:
+    """Per-layer sigmas and network Lipschitz bound of each RUN, against the empirical ratio."""
+    from robustclip.report import lipschitz_command
+
+    lipschitz_command(**options)
+
+
+@main.command(name="demo")
+@click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+              help="Parent directory; each demo writes a new timestamped folder inside.")
+@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--limit", type=int, default=1000, show_default=True, help="Test images attacked.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+def demo_cmd(out: str, epochs: int, limit: int, device: str | None, data_dir: str | None) -> None:
+    """Train simpleconv with none and fastclip on MNIST, attack both, tabulate."""
+    from robustclip.demo import run_demo
+
+    root, _ = run_demo(out, epochs=epochs, limit=limit, data_dir=data_dir, device=device)
+    click.echo(f"\nDemo outputs: {root}\n  results table and plots: {root / 'attack'}\n"
+               f"  training runs: {root / 'runs'}\n"
+               f"  TensorBoard:   tensorboard --logdir {root / 'runs'}")

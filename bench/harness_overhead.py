@@ -1,0 +1,105 @@
+"""Harness overhead: ``robustclip.harness.evaluate`` against a bare torchattacks PGD loop.
+
+Both run PGD (Linf, step eps/10, random start) on the same model (the tutorial's
+``simpleconv``) and the same synthetic MNIST-shaped samples, in the same process, in
+interleaved rounds; the median per side is reported.  The bare loop is what a user would
+write: ``torchattacks.PGD`` per batch, then the accuracy on x_adv.  The harness adds the
+clean pass (twice: determinism check), per-batch seeding, sanity checks, empirical
+Lipschitz ratios and per-sample bookkeeping; the Lipschitz bound (a once-per-model cost)
+is timed separately.  Goal: overhead <= 5%.
+
+    python bench/harness_overhead.py [--samples 512] [--batch-size 256] [--steps 20]
+                                     [--rounds 3] [--eps 0.1] [--device auto] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+import torchattacks
+
+from robustclip import harness
+from robustclip.bounds import lipschitz_report
+from robustclip.data import synthetic
+from robustclip.models import build_model
+from robustclip.train import resolve_device
+
+log = logging.getLogger("bench.harness_overhead")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_loop(model, x, y, eps: float, steps: int, batch_size: int, device) -> tuple[float, float]:
+    """(seconds, robust accuracy) of a plain torchattacks PGD loop."""
+    _sync(device)
+    start = time.perf_counter()
+    attack = torchattacks.PGD(model, eps=eps, alpha=eps / 10, steps=steps, random_start=True)
+    correct = torch.zeros((), device=device)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        xb, yb = xb.to(device), yb.to(device)
+        adv = attack(xb, yb)
+        with torch.no_grad():
+            correct += (model(adv).argmax(1) == yb).sum()
+    accuracy = float(correct) / len(x)
+    return time.perf_counter() - start, accuracy
+
+
+def harness_run(model, x, y, eps: float, steps: int, batch_size: int, device) -> tuple[float, float]:
+    """(seconds, robust accuracy) of the harness on the same work, bounds excluded."""
+    spec = harness.make_spec("pgd", eps, steps=steps, rel_stepsize=0.1, random_start=True)
+    _sync(device)
+    start = time.perf_counter()
+    ev = harness.evaluate({"simpleconv": model}, x, y, [spec], batch_size=batch_size,
+                          bounds=False)
+    return time.perf_counter() - start, float(ev.results[0].robust.float().mean())
+
+
+def main(argv: list[str] | None = None) -> float:
+    """Print the timings; return the median harness / bare time ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model("simpleconv", "mnist").to(device).eval()
+    x, y = synthetic(args.samples).tensors
+    work = (model, x, y, args.eps, args.steps, args.batch_size, device)
+    bare_loop(*work)  # warm-up (allocator, cuDNN autotuning)
+    harness_run(*work)
+    times: dict[str, list[float]] = {"bare": [], "harness": []}
+    for r in range(args.rounds):
+        for name, run in (("bare", bare_loop), ("harness", harness_run)):
+            seconds, accuracy = run(*work)
+            times[name].append(seconds)
+            log.info("round %d %-8s %.3f s  robust accuracy %.4f", r + 1, name, seconds, accuracy)
+    start = time.perf_counter()
+    lipschitz_report(model, x.shape[1:])
+    bound_seconds = time.perf_counter() - start
+    median = {k: statistics.median(v) for k, v in times.items()}
+    ratio = median["harness"] / median["bare"]
+    print(f"device {device}, {args.samples} samples, batch {args.batch_size}, PGD-{args.steps}, "
+          f"{args.rounds} rounds, {torch.get_num_threads()} threads")
+    print(f"bare torchattacks loop  {median['bare']:.3f} s (median)")
+    print(f"robustclip harness      {median['harness']:.3f} s (median)")
+    print(f"ratio harness / bare    {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f}%, goal <= +5%)")
+    print(f"Lipschitz bound (once per model, not in the ratio): {bound_seconds:.2f} s")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,457 @@
+"""Lipschitz bounds of whole networks, empirical Lipschitz ratios and L2 certificates.
+
+:func:`lipschitz_report` traces a model with :mod:`torch.fx` (spectral wrappers and
+standard layers stay leaves), propagates shapes for one input of ``input_shape`` and walks
+the graph, bounding the L2 Lipschitz constant L(node) of every node as a function of the
+model input (method.md section 4):
+
+* implicitly linear operator (conv, linear, BatchNorm in eval, average pooling, the input
+  normalisation, spectral wrappers, any single-input op passing ``check_linear``):
+  sigma(operator at its input shape) * L(input);
+* a conv whose only user is its BatchNorm: ONE composite operator Sequential(conv, bn);
+* 1-Lipschitz maps (relu, relu6, hardtanh, leaky_relu with |slope| <= 1, tanh, identity,
+  dropout in eval), flatten/view/reshape/permute, basic slicing: L(input);
+  sigmoid: L(input) / 4; max pooling: sqrt(max windows holding one input) * L(input);
+* add/sub: L(a) + L(b) (|alpha| L(b) for torch.add(a, b, alpha)); cat: sqrt(sum L_i^2);
+* anything else: :class:`RobustclipError` "cannot bound <op>".
+
+sigma is PowerQR's Ritz value (a lower estimate that converges from below; ``rel_change``
+says how far from converged).  Where the dense operator is small enough the exact sigma is
+computed too and the bound uses max(PowerQR, exact).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.fx.passes.shape_prop import ShapeProp
+
+from robustclip.errors import RobustclipError
+from robustclip.spectral import (
+    _BATCHNORMS,
+    _CONVS,
+    _unwrap,
+    dense_operator,
+    eval_mode,
+    spectral_estimate,
+)
+
+log = logging.getLogger(__name__)
+
+_ISOMETRY_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
+                     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_ONE_LIP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh)
+_MAXPOOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_ISOMETRY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+                       torch.permute, torch.transpose, F.dropout, F.dropout1d, F.dropout2d,
+                       F.dropout3d}
+_ISOMETRY_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze",
+                     "permute", "transpose", "clone"}
+_ONE_LIP_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.tanh, F.tanh}
+_ONE_LIP_METHODS = {"relu", "tanh"}
+_SIGMOIDS = {torch.sigmoid, F.sigmoid}
+_ADDS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
+_MAXPOOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps spectral wrappers, standard layers and childless custom modules (e.g. the
+    input normalisation) as leaves: each is bounded as one operator."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (getattr(m, "is_spectral_wrapper", False) or super().is_leaf_module(m, qualname)
+                or next(m.children(), None) is None)
+
+
+class _ValueProp(ShapeProp):
+    """ShapeProp that also keeps the values of nodes not depending on the input."""
+
+    def __init__(self, gm: fx.GraphModule, dependent: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.dependent, self.values = dependent, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n not in self.dependent:
+            self.values[n] = result
+        return result
+
+
+class _Op(nn.Module):
+    """One graph call as a module of its single input-dependent tensor argument.
+
+    Constant tensor arguments become buffers (so device/dtype moves reach them)."""
+
+    def __init__(self, node: fx.Node, args: tuple, kwargs: dict, fn: Any) -> None:
+        super().__init__()
+        self.fn, self.label = fn, _label(node)
+        self.names: list[str] = []
+
+        def hold(a: Any) -> Any:
+            if isinstance(a, Tensor):
+                name = f"const{len(self.names)}"
+                self.register_buffer(name, a)
+                self.names.append(name)
+                return _Const(name)
+            return a
+        self.call_args = [hold(a) for a in args]
+        self.call_kwargs = {k: hold(v) for k, v in kwargs.items()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        def sub(a: Any) -> Any:
+            return x if isinstance(a, _Slot) else getattr(self, a.name) if isinstance(a, _Const) else a
+        return self.fn(*[sub(a) for a in self.call_args],
+                       **{k: sub(v) for k, v in self.call_kwargs.items()})
+
+
+class _Const:
+    """Placeholder for a constant tensor argument held as buffer ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Slot:
+    """Where the input goes among a call's arguments (a class: survives deepcopy)."""
+
+
+_SLOT = _Slot()
+
+
+def _label(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["tensor_meta"].shape[1:])
+
+
+def _maxpool_factor(kernel: Any, stride: Any, dilation: Any, dims: int) -> float:
+    """sqrt of the largest number of pooling windows one input element can fall into."""
+    tup = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
+    k, d = tup(kernel), tup(dilation)
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else tup(stride)
+    count = 1
+    for ki, si, di in zip(k, s, d):
+        count *= min(ki, math.ceil(((ki - 1) * di + 1) / si))
+    return math.sqrt(count)
+
+
+class _Walker:
+    """Computes L(node) over the traced graph and collects one row per measured operator."""
+
+    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], dependent: set[fx.Node],
+                 tol: float, iters: int | None, exact_max_dim: int, exact_max_entries: int,
+                 seed: int) -> None:
+        self.gm, self.values, self.dependent = gm, values, dependent
+        self.tol, self.iters, self.seed = tol, iters, seed
+        self.exact_max_dim, self.exact_max_entries = exact_max_dim, exact_max_entries
+        self.L: dict[fx.Node, float] = {}
+        self.rows: list[dict] = []
+
+    # ----------------------------------------------------------------- helpers
+
+    def _dep_nodes(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs),
+                        lambda a: found.append(a) if a in self.dependent else None)
+        return found
+
+    def _tensor_deps(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in self._dep_nodes(node) if "tensor_meta" in a.meta]
+
+    def _measure(self, module: nn.Module, shape: tuple[int, ...], name: str, kind: str) -> float:
+        """Spectral norm of an implicitly linear ``module`` on inputs of ``shape``; adds a row."""
+        try:
+            est = spectral_estimate(module, shape, k=1, iters=self.iters, tol=self.tol,
+                                    seed=self.seed)
+        except RobustclipError as err:
+            raise RobustclipError(f"cannot bound {name} ({kind}): {err}") from None
+        sigma = float(est.values[0])
+        exact = self._exact(module, shape)
+        log.debug("%s (%s) on %s: sigma %.6g after %d iterations (change %.2g), exact %.6g",
+                  name, kind, shape, sigma, est.iterations, float(est.rel_change), exact)
+        self.rows.append({"name": name, "type": kind, "input_shape": shape, "sigma": sigma,
+                          "rel_change": float(est.rel_change), "iterations": est.iterations,
+                          "sigma_exact": exact})
+        return sigma if math.isnan(exact) else max(sigma, exact)
+
+    def _exact(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        inner = _unwrap(module)
+        if isinstance(inner, nn.Linear):
+            return float(torch.linalg.svdvals(inner.weight.detach().double())[0])
+        if isinstance(inner, _BATCHNORMS) and inner.running_var is not None:
+            scale = torch.rsqrt(inner.running_var.double() + inner.eps)
+            if inner.weight is not None:
+                scale = scale * inner.weight.detach().double()
+            return float(scale.abs().max())
+        d_in = math.prod(shape)
+        if d_in > self.exact_max_dim:
+            return math.nan
+        with torch.no_grad(), eval_mode(module):
+            like = next(iter([*module.parameters(), *module.buffers()]), torch.zeros(()))
+            probe = torch.zeros((1, *shape), dtype=like.dtype if like.is_floating_point()
+                                else torch.float32, device=like.device)
+            d_out = module(probe).numel()
+        if d_in * d_out > self.exact_max_entries:
+            return math.nan
+        matrix = dense_operator(module, shape)  # (d_out, d_in), float64
+        gram = matrix.T @ matrix if d_in <= d_out else matrix @ matrix.T
+        return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+
+    def _composite_bn(self, node: fx.Node) -> fx.Node | None:
+        """The BatchNorm node fed only by conv ``node``, if that is the pattern."""
+        if node.op != "call_module" or not isinstance(_unwrap(self.gm.get_submodule(node.target)), _CONVS):
+            return None
+        if len(node.users) != 1:
+            return None
+        (user,) = node.users
+        if (user.op == "call_module" and user.args[:1] == (node,) and len(user.args) == 1
+                and not user.kwargs):
+            bn = _unwrap(self.gm.get_submodule(user.target))
+            if isinstance(bn, _BATCHNORMS) and bn.running_var is not None:
+                return user
+        return None
+
+    def _as_op(self, node: fx.Node, dep: fx.Node) -> _Op:
+        """Wrap a call_function/call_method node as a module of its input-dependent arg."""
+        def fill(a: fx.Node) -> Any:
+            if a is dep:
+                return _SLOT
+            if a in self.dependent:
+                raise RobustclipError(f"cannot bound {_label(node)}: an argument depends on "
+                                      f"the input shape ({a.name})")
+            return self.values[a]
+        args = fx.node.map_arg(node.args, fill)
+        kwargs = fx.node.map_arg(node.kwargs, fill)
+        if node.op == "call_method":
+            name = node.target
+            fn = lambda self_, *a, **k: getattr(self_, name)(*a, **k)  # noqa: E731
+        else:
+            fn = node.target
+        return _Op(node, tuple(args), dict(kwargs), fn)
+
+    # ----------------------------------------------------------------- the walk
+
+    def run(self) -> float:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise RobustclipError(f"cannot bound a model with {len(placeholders)} inputs; it must take one tensor")
+        deferred: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.L[node] = 1.0
+            elif node.op == "output":
+                (out,) = node.args
+                if not isinstance(out, fx.Node) or out not in self.L:
+                    raise RobustclipError("cannot bound a model whose output is not one tensor")
+                return self.L[out]
+            elif node not in self.dependent or "tensor_meta" not in node.meta:
+                continue  # constants and shape arithmetic
+            elif self._composite_bn(node) is not None:
+                deferred.add(node)
+            elif node.op == "call_module" and node.args[:1] and node.args[0] in deferred:
+                conv = node.args[0]
+                composite = nn.Sequential(self.gm.get_submodule(conv.target),
+                                          self.gm.get_submodule(node.target))
+                kind = (f"{type(_unwrap(composite[0])).__name__}+"
+                        f"{type(_unwrap(composite[1])).__name__}")
+                sigma = self._measure(composite, _shape(conv.args[0]),
+                                      f"{conv.target}+{node.target}", kind)
+                self.L[node] = sigma * self.L[conv.args[0]]
+            else:
+                self.L[node] = self._bound(node)
+        raise RobustclipError("cannot bound a graph without an output")
+
+    def _bound(self, node: fx.Node) -> float:
+        deps = self._tensor_deps(node)
+        target = node.target
+        if node.op == "call_function" and target in _ADDS:
+            alpha = abs(float(node.kwargs.get("alpha", 1)))
+            a, b = (node.args + (None, None))[:2]
+            return sum(self.L.get(x, 0.0) * (alpha if i == 1 else 1.0)
+                       for i, x in enumerate((a, b)) if isinstance(x, fx.Node))
+        if node.op == "call_function" and target is torch.cat:
+            tensors = node.args[0] if node.args else node.kwargs["tensors"]
+            return math.sqrt(sum(self.L[d] ** 2 for d in tensors
+                                 if isinstance(d, fx.Node) and d in self.L))
+        if len(deps) != 1:
+            raise RobustclipError(f"cannot bound {_label(node)}: it combines {len(deps)} "
+                                  "input-dependent tensors (only add, sub and cat can)")
+        (dep,) = deps
+        factor = self._factor(node, dep)
+        return factor * self.L[dep]
+
+    def _factor(self, node: fx.Node, dep: fx.Node) -> float:
+        """Lipschitz factor of the single-input op ``node``."""
+        target, kwargs = node.target, node.kwargs
+        if node.op == "call_module":
+            module = self.gm.get_submodule(target)
+            inner = _unwrap(module)
+            if isinstance(inner, _ISOMETRY_MODULES) or isinstance(inner, _ONE_LIP_MODULES):
+                return 1.0
+            if isinstance(inner, nn.LeakyReLU) and abs(inner.negative_slope) <= 1:
+                return 1.0
+            if isinstance(inner, nn.Sigmoid):
+                return 0.25
+            if isinstance(inner, _MAXPOOLS) and not inner.return_indices:
+                dims = _MAXPOOLS.index(type(inner)) + 1
+                return self._pool_row(node, _maxpool_factor(inner.kernel_size, inner.stride,
+                                                            inner.dilation, dims))
+            return self._measure(module, _shape(dep), str(target), _kind(module))
+        if node.op == "call_function":
+            if target in _ISOMETRY_FUNCTIONS:
+                if target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d) and \
+                        (node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)):
+                    raise RobustclipError(f"cannot bound {_label(node)}: dropout in training mode")
+                return 1.0
+            if target in _ONE_LIP_FUNCTIONS:
+                return 1.0
+            if target is F.leaky_relu:
+                slope = kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+                if abs(slope) <= 1:
+                    return 1.0
+            if target in _SIGMOIDS:
+                return 0.25
+            if target in _MAXPOOL_FUNCTIONS:
+                return self._pool_row(node, self._functional_pool(node))
+            if target is operator.getitem and _basic_index(node.args[1]):
+                return 1.0
+        if node.op == "call_method":
+            if target in _ISOMETRY_METHODS or target in _ONE_LIP_METHODS:
+                return 1.0
+            if target == "sigmoid":
+                return 0.25
+        op = self._as_op(node, dep)
+        return self._measure(op, _shape(dep), op.label, "function")
+
+    def _functional_pool(self, node: fx.Node) -> float:
+        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                 "return_indices")
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        if bound.get("return_indices"):
+            raise RobustclipError(f"cannot bound {_label(node)} with return_indices")
+        return _maxpool_factor(bound["kernel_size"], bound.get("stride"),
+                               bound.get("dilation", 1), _MAXPOOL_FUNCTIONS[node.target])
+
+    def _pool_row(self, node: fx.Node, factor: float) -> float:
+        self.rows.append({"name": _label(node), "type": "max-pool (bound)",
+                          "input_shape": _shape(node.args[0]), "sigma": factor,
+                          "rel_change": 0.0, "iterations": 0, "sigma_exact": math.nan})
+        return factor
+
+
+def _basic_index(index: Any) -> bool:
+    """True for indices made of ints, slices, None and Ellipsis (a coordinate projection)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items)
+
+
+def _kind(module: nn.Module) -> str:
+    inner = _unwrap(module)
+    name = type(inner).__name__
+    return f"{type(module).__name__}({name})" if inner is not module else name
+
+
+def _dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the model input (the placeholders, transitively)."""
+    dep: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    return dep
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The model as an fx graph with spectral wrappers and standard layers as leaves."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as err:  # fx raises many types for untraceable Python
+        raise RobustclipError(f"cannot trace {type(model).__name__} with torch.fx: "
+                              f"{' '.join(str(err).split())}") from None
+    return fx.GraphModule(model, graph)
+
+
+def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float = 1e-6,
+                     iters: int | None = None, exact_max_dim: int = 1024,
+                     exact_max_entries: int = 2**22, seed: int = 0) -> tuple[float, pd.DataFrame]:
+    """Upper bound of the L2 Lipschitz constant of ``model`` from its input, and per-layer rows.
+
+    input_shape: one input without batch dim, e.g. (1, 28, 28), in the model's input
+    units (pixels in [0, 1]: the normalisation layer is part of the model).
+    tol / iters: PowerQR convergence target / fixed iteration count per layer.
+    exact_max_dim / exact_max_entries: exact sigma (``sigma_exact``: dense operator, then
+    the top eigenvalue of its float64 Gram matrix) only when the input dimension and
+    input x output dimensions are at most these (32 MB by default; else NaN).  Linear and
+    lone BatchNorm are always exact, from their weights.
+    Rows (pandas.DataFrame): name, type, input_shape, sigma (PowerQR), rel_change,
+    iterations, sigma_exact.  The model is evaluated in eval mode, its modes restored.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    with eval_mode(model), torch.no_grad():
+        gm = trace(model)
+        dependent = _dependent(gm.graph)
+        like = next(iter([*model.parameters(), *model.buffers()]), torch.zeros(()))
+        example = torch.zeros((1, *shape), device=like.device,
+                              dtype=like.dtype if like.is_floating_point() else torch.float32)
+        prop = _ValueProp(gm, dependent)
+        try:
+            prop.propagate(example)
+        except Exception as err:  # the model's own error on this shape
+            raise RobustclipError(f"model fails on input shape {shape}: {' '.join(str(err).split())}") from None
+        walker = _Walker(gm, prop.values, dependent, tol, iters, exact_max_dim,
+                         exact_max_entries, seed)
+        bound = walker.run()
+    columns = ["name", "type", "input_shape", "sigma", "rel_change", "iterations", "sigma_exact"]
+    return float(bound), pd.DataFrame(walker.rows, columns=columns)
+
+
+def pair_ratios(fx_: Tensor, fx_other: Tensor, x: Tensor, x_other: Tensor) -> Tensor:
+    """Per pair ||f(x) - f(x')|| / ||x - x'|| (L2), shape (n,); pairs with x = x' give 0."""
+    num = (fx_ - fx_other).flatten(1).norm(dim=1)
+    den = (x - x_other).flatten(1).norm(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
+                       torch.zeros_like(num))
+
+
+def empirical_lipschitz(model: nn.Module, x: Tensor, x_other: Tensor) -> float:
+    """Largest ||f(x_i) - f(x'_i)|| / ||x_i - x'_i|| over the pairs (x_i, x'_i), shape (n, ...).
+
+    A lower bound of the Lipschitz constant (e.g. over test pairs and adversarial pairs).
+    """
+    if x.shape != x_other.shape:
+        raise RobustclipError(f"pairs need equal shapes, got {tuple(x.shape)} and {tuple(x_other.shape)}")
+    with eval_mode(model), torch.no_grad():
+        ratios = pair_ratios(model(x), model(x_other), x, x_other)
+    return float(ratios.max()) if ratios.numel() else 0.0
+
+
+def certified(logits: Tensor, labels: Tensor, L: float, radius: float) -> Tensor:
+    """Per sample (bool, shape (n,)): correct AND margin > sqrt(2) * L * radius.
+
+    logits: (n, classes); margin = top logit - runner-up (Tsuzuku et al. 2018); L: the L2
+    Lipschitz bound of the logits; radius: L2 radius in input units.  For an Linf eps
+    pass ``linf_to_l2(eps, d)``.  NaN L certifies nothing.
+    """
+    top2 = logits.topk(2, dim=1).values
+    correct = logits.argmax(dim=1) == labels
+    if math.isnan(L):
+        return torch.zeros_like(correct)
+    return correct & (top2[:, 0] - top2[:, 1] > math.sqrt(2) * L * radius)
+
+
+def linf_to_l2(eps: float, d: int) -> float:
+    """L2 radius of the ball holding the Linf ball of radius ``eps`` in dimension ``d``."""
+    return eps * math.sqrt(d)
