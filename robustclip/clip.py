@@ -225,7 +225,7 @@ class SpectralClip(nn.Module):
         self._count += 1
         self.step.fill_(self._count)
         active = self.clip is not None and self._count > self.init_delay
-        if active and self.clip_events and (self._count - self.init_delay) % self.clip_steps == 0:
+        if self.clip_due():
             self.clip_now()
         out = self.module(x)
         if active and self.rescale_every_step:
@@ -235,6 +235,11 @@ class SpectralClip(nn.Module):
         if self.writer is not None and self._count % self.log_every == 0:
             self.log_sigmas(self.writer, self._count)
         return out
+
+    def clip_due(self) -> bool:
+        """Whether the training step counted last runs a clip event (before its forward)."""
+        return (self.clip is not None and self.clip_events and self._count > self.init_delay
+                and (self._count - self.init_delay) % self.clip_steps == 0)
 
     @torch.no_grad()
     def _track(self) -> None:
@@ -279,9 +284,12 @@ class SpectralClip(nn.Module):
         check_finite(self.module, self.name)
         if self.is_batchnorm:
             return self._clip_batchnorm()
+        # Fresh vectors from (name, step), not the global RNG: every replica of a
+        # distributed run, and any rank layout, draws the same ones.
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.name}/{self._count}".encode()))
         with eval_mode(self.module):
             A = linear_map(self.module, self._shape)
-            est = power_qr(A, self._refine_block(self.vectors), self.refine_iters)
+            est = power_qr(A, self._refine_block(self.vectors, gen), self.refine_iters)
             descended = False
             for _ in range(self.max_rounds):
                 scale = self._targets(est.values)
@@ -289,9 +297,9 @@ class SpectralClip(nn.Module):
                     break
                 self._descend(est.vectors, scale)
                 descended = True
-                est = power_qr(A, self._refine_block(est.vectors), max(self.refine_iters // 2, 1))
+                est = power_qr(A, self._refine_block(est.vectors, gen), max(self.refine_iters // 2, 1))
             if descended:  # the short in-round estimates are lower bounds: verify
-                est = power_qr(A, self._refine_block(est.vectors), self.refine_iters)
+                est = power_qr(A, self._refine_block(est.vectors, gen), self.refine_iters)
             sigma_1 = float(est.values[0])
         p = self.vectors.shape[0]
         self.vectors, self.sigmas = est.vectors[:p].clone(), est.values[:p].clone()
@@ -303,7 +311,7 @@ class SpectralClip(nn.Module):
             self.sigmas = self.sigmas * factor
         return self.sigmas
 
-    def _refine_block(self, vectors: Tensor) -> Tensor:
+    def _refine_block(self, vectors: Tensor, generator: torch.Generator) -> Tensor:
         """The leading vectors plus 2 fresh random ones (k + 4 in all), orthonormalised.
 
         Starting only from converged vectors, the Ritz values barely move between
@@ -314,7 +322,8 @@ class SpectralClip(nn.Module):
         d = math.prod(self._shape)
         size = min(max(self.k + 4, self.vectors.shape[0] + 2), d)
         keep = vectors.flatten(1)[: max(size - 2, self.k)]
-        fresh = random_block(size - keep.shape[0], self._shape, like=keep).flatten(1) \
+        fresh = random_block(size - keep.shape[0], self._shape, like=keep,
+                             generator=generator).flatten(1) \
             if size > keep.shape[0] else keep[:0]
         q, _ = torch.linalg.qr(torch.cat([keep, fresh]).T)
         return q.T.reshape((-1, *self._shape))
