@@ -35,6 +35,11 @@ def main(verbose: bool) -> None:
     )
 
 
+_BACKEND = click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None,
+                        help="torch.distributed backend under torchrun (default: $ROBUSTCLIP_BACKEND, "
+                             "else nccl on CUDA, gloo on CPU).")
+
+
 @main.command(name="train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML config, e.g. configs/mnist-simpleconv-fastclip.toml "
@@ -51,13 +56,19 @@ def main(verbose: bool) -> None:
               help="Override a config value, e.g. --set train.lr=0.01 (repeatable).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Data root (default: $ROBUSTCLIP_DATA, else ~/.cache/robustclip/data).")
+@_BACKEND
 def train_cmd(config_file: str | None, out: str | None, resume: str | None, overwrite: bool,
               device: str | None, seed: int | None, epochs: int | None,
-              assignments: tuple[str, ...], data_dir: str | None) -> None:
-    """Train a model from a config: metrics.csv, TensorBoard events, last.pt and best.pt."""
+              assignments: tuple[str, ...], data_dir: str | None, backend: str | None) -> None:
+    """Train a model from a config: metrics.csv, TensorBoard events, last.pt and best.pt.
+
+    Under torchrun (e.g. torchrun --nproc_per_node 2 -m robustclip train ...) the run is
+    data parallel; train.batch_size is the global batch.
+    """
     from pathlib import Path
 
     from robustclip.config import load_config, override
+    from robustclip.distributed import torchrun_env
     from robustclip.train import train
 
     if resume and out and Path(out).resolve() != Path(resume).resolve():
@@ -70,10 +81,11 @@ def train_cmd(config_file: str | None, out: str | None, resume: str | None, over
     config = override(config, [*assignments, *flags])
     run = Path(resume or out or Path("runs") / Path(config_file).stem)
     try:
-        train(config, run, resume=bool(resume), overwrite=overwrite, data_dir=data_dir)
+        train(config, run, resume=bool(resume), overwrite=overwrite, data_dir=data_dir, backend=backend)
     except KeyboardInterrupt:
         sys.exit(130)
-    click.echo(run)
+    if (torchrun_env() or (0,))[0] == 0:
+        click.echo(run)
 
 
 @main.group(name="data")
@@ -144,11 +156,21 @@ def _with(options):
 @_RUNS
 @_with(_EVAL_OPTIONS)
 @click.option("--ensemble", is_flag=True, help="Also attack the ensemble of all RUNs.")
-def attack_cmd(**options) -> None:
-    """Attack each RUN (run dir or checkpoint) on its test set; print and save the table."""
-    from robustclip.report import attack_command
+@_BACKEND
+def attack_cmd(backend: str | None, **options) -> None:
+    """Attack each RUN (run dir or checkpoint) on its test set; print and save the table.
 
-    attack_command(**options)
+    Under torchrun the batches are shared among the ranks (--device cuda: one GPU per
+    rank); rank 0 prints and writes the table, the same as one process would.
+    """
+    from robustclip.distributed import launch
+    from robustclip.report import attack_command
+    from robustclip.train import resolve_device
+
+    with launch(resolve_device(options["device"] or "cpu"), backend) as ctx:
+        if options["device"]:
+            options["device"] = str(ctx.device)  # under torchrun: cuda -> cuda:LOCAL_RANK
+        attack_command(**options)
 
 
 @main.command(name="transfer")

@@ -14,6 +14,11 @@ A suite is combined per sample: robust only if the sample survives every attack 
 same norm and eps.  Randomness is seeded per batch and restart from ``seed``, the attack's
 label and eps, and the batch index: a run is reproducible for a given batch size.
 
+Under a process group (``torchrun ... robustclip attack``), :func:`evaluate` shards by
+whole batches (batch i on rank i mod world size, robustclip.distributed) and all-gathers
+the per-batch results and check counters: every rank ends with the table of a single
+process, same samples, same per-batch seeds.
+
 CW runs on :class:`PositiveLogits` (torchattacks' CW misreads negative logits) and its eps
 filters its examples; PGD restarts are robustclip's own loop (worst case per sample).
 
@@ -26,6 +31,7 @@ white-box at least as strong as transfer.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -43,6 +49,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from robustclip.bounds import certified, linf_to_l2, lipschitz_report, pair_ratios
+from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError
 
 try:
@@ -577,20 +584,30 @@ def _device(model: nn.Module) -> torch.device:
 
 def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tensor]],
                warnings: list[SanityWarning]) -> CleanPass:
-    """Clean logits (computed twice: determinism), input range and NaN checks, test pairs."""
-    device = _device(model)
-    logits, ratio, spread = [], torch.zeros((), device=device), torch.zeros((), device=device)
+    """Clean logits (computed twice: determinism), input range and NaN checks, test pairs.
+
+    Under a process group each rank runs its batches and every rank gets the merged pass.
+    """
+    device, ctx = _device(model), current()
+    logits: dict[int, Tensor] = {}
+    ratio, spread = torch.zeros((), device=device), torch.zeros((), device=device)
     bad_range = nan = 0
     with torch.no_grad():
-        for x, _ in batches:
-            x = x.to(device)
+        for b in my_batches(len(batches), ctx):
+            x = batches[b][0].to(device)
             bad_range = bad_range + ((x < 0) | (x > 1)).flatten(1).any(1).sum()
             out, again = model(x), model(x)
             spread = torch.maximum(spread, (out - again).abs().max())
             nan = nan + out.isnan().any(1).sum()
             ratio = torch.maximum(ratio, pair_ratios(out, out.roll(1, 0), x, x.roll(1, 0)).max())
-            logits.append(out)
-    logits = torch.cat(logits)
+            logits[b] = out
+    if ctx.distributed:
+        parts = all_gather(({b: t.cpu() for b, t in logits.items()}, int(bad_range), int(nan),
+                            float(spread), float(ratio)), ctx)
+        logits = {b: t.to(device) for p in parts for b, t in p[0].items()}
+        bad_range, nan = (sum(p[i] for p in parts) for i in (1, 2))
+        spread, ratio = (torch.tensor(max(p[i] for p in parts), device=device) for i in (3, 4))
+    logits = torch.cat([logits[b] for b in range(len(batches))])
     labels = torch.cat([y for _, y in batches]).to(device)
     if int(bad_range):
         warnings.append(SanityWarning(f"{int(bad_range)} inputs lie outside [0, 1]: attacks "
@@ -621,11 +638,17 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
     bounds: True computes each model's Lipschitz bound (:func:`model_bound`); a mapping
         gives them (label -> bound); False skips bounds and certificates.
     """
-    batches = _batches(images, labels, batch_size)
+    batches, ctx = _batches(images, labels, batch_size), current()
+    check_world(ctx, len(images), "evaluation samples")
+    if ctx.world_size > len(batches):
+        log.warning("%d ranks for %d batches: ranks %d and up stay idle; use a smaller batch size",
+                    ctx.world_size, len(batches), len(batches))
     evaluation = Evaluation([])
     for name, model in models.items():
         with evaluating(model):
             _evaluate_model(name, model, batches, specs, seed, bounds, progress, evaluation)
+    if ctx.distributed:  # mode warnings are per rank; the others are the same on every rank
+        evaluation.warnings = [w for part in all_gather(evaluation.warnings, ctx) for w in part]
     _combine(evaluation, suite)
     _check_fgsm(evaluation)
     evaluation.warnings = list(dict.fromkeys(evaluation.warnings))
@@ -648,26 +671,25 @@ def _bound_of(name: str, model: nn.Module, shape: Sequence[int],
 def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
                     specs: Sequence[AttackSpec], seed: int, bounds: bool | Mapping[str, float],
                     progress: bool, evaluation: Evaluation) -> None:
-    device = _device(model)
+    device, ctx = _device(model), current()
     meta = getattr(model, "robustclip_meta", {})
     shape = tuple(batches[0][0].shape[1:])
     warnings = evaluation.warnings
-    bound = _bound_of(name, model, shape, bounds, warnings)
+    bound = on_main(ctx, lambda: _bound_of(name, model, shape, bounds, warnings))
     clean = clean_pass(model, name, batches, warnings)
     labels = torch.cat([y for _, y in batches]).to(device)
+    starts = [0, *itertools.accumulate(len(y) for _, y in batches)]
     ratio = clean.ratio
     rows: list[tuple[AttackSpec, Tensor, Tensor | None, float]] = []
-    groups = runs(specs)
-    bar = tqdm(total=len(groups) * len(batches), desc=name, disable=not progress, leave=False)
+    groups, mine = runs(specs), my_batches(len(batches), ctx)
+    bar = tqdm(total=len(groups) * len(mine), desc=name, disable=not (progress and ctx.main), leave=False)
     for group in groups:
         start = time.perf_counter()
         tallies = {s: Tally(s) for s in group}
-        correct: dict[AttackSpec, list[Tensor]] = {s: [] for s in group}
-        offset = 0
-        for b, (x, y) in enumerate(batches):
-            x, y = x.to(device), y.to(device)
-            ok, out_clean = (t[offset:offset + len(x)] for t in (clean.correct, clean.logits))
-            offset += len(x)
+        correct: dict[AttackSpec, dict[int, Tensor]] = {s: {} for s in group}
+        for b in mine:
+            x, y = (t.to(device) for t in batches[b])
+            ok, out_clean = (t[starts[b]:starts[b + 1]] for t in (clean.correct, clean.logits))
             advs = adversarial(model, group, x, y, seed, b)
             mode = _mode_warning(model, name, f"after {group[0].label}")
             if mode:
@@ -678,9 +700,12 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
                     adv_ok = out.argmax(1) == y
                     tallies[s].add(x, x_adv, out, ok, adv_ok)
                     ratio = torch.maximum(ratio, pair_ratios(out, out_clean, x_adv, x).max())
-                    correct[s].append(adv_ok)
+                    correct[s][b] = adv_ok
             bar.update()
-        robust = {s: (clean.correct & torch.cat(c)).cpu() for s, c in correct.items()}
+        if ctx.distributed:
+            ratio = _share_run(ctx, device, group, correct, tallies, ratio)
+        robust = {s: (clean.correct & torch.cat([c[b] for b in range(len(batches))])).cpu()
+                  for s, c in correct.items()}
         seconds = time.perf_counter() - start  # .cpu() above waited for the device
         for s in group:
             cert = _certified(clean, labels, bound, s, shape)
@@ -696,6 +721,23 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
         evaluation.results.append(result)
         log.info("%s %s %s eps=%g: clean %.4f robust %.4f", name, s.label, s.norm, s.eps,
                  float(result.clean.double().mean()), float(result.robust.double().mean()))
+
+
+def _share_run(ctx: Context, device: torch.device, group: list[AttackSpec],
+               correct: dict[AttackSpec, dict[int, Tensor]], tallies: dict[AttackSpec, Tally],
+               ratio: Tensor) -> Tensor:
+    """Merge one attack run over the ranks, in place: per-batch correctness, check counters
+    (summed) and largest distance; returns the largest pair ratio of all ranks."""
+    mine = ([{b: t.cpu() for b, t in correct[s].items()} for s in group],
+            [({k: int(v) for k, v in tallies[s].counts.items()}, float(tallies[s].worst)) for s in group],
+            float(ratio))
+    parts = all_gather(mine, ctx)
+    for i, s in enumerate(group):
+        correct[s] = {b: t.to(device) for p in parts for b, t in p[0][i].items()}
+        keys = dict.fromkeys(k for p in parts for k in p[1][i][0])
+        tallies[s].counts = {k: sum(p[1][i][0].get(k, 0) for p in parts) for k in keys}
+        tallies[s].worst = max(p[1][i][1] for p in parts)
+    return torch.tensor(max(p[2] for p in parts), device=device)
 
 
 def _certified(clean: CleanPass, labels: Tensor, bound: float, spec: AttackSpec,

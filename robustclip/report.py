@@ -209,9 +209,13 @@ def plot_matrix(matrix: pd.DataFrame, title: str, path: str) -> None:
 
 
 def _echo(text: str = "") -> None:
+    """Print on stdout; under torchrun on rank 0 only."""
     import click
 
-    click.echo(text)
+    from robustclip.distributed import current
+
+    if current().main:
+        click.echo(text)
 
 
 def _specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None) -> tuple[list, str | None]:
@@ -237,11 +241,13 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
                    device: str | None, ensemble: bool, ensemble_output: str,
                    out: str | None, overwrite: bool, data_dir: str | None) -> pd.DataFrame:
     """``robustclip attack``: white-box attacks on each run (and their ensemble), per dataset."""
+    from robustclip.distributed import current, on_main
     from robustclip.harness import (Ensemble, Evaluation, check_one_dataset, evaluate,
                                     load_runs, test_set)
 
     specs, suite_name = _specs(eps, attacks, suite)
-    out_dir = prepare_out_dir(out, overwrite) if out else None
+    out_dir = on_main(current(), lambda: prepare_out_dir(out, overwrite)) if out else None
+    out_dir = out_dir if current().main else None  # under torchrun rank 0 alone writes
     models = load_runs(runs, device)
     if ensemble:
         check_one_dataset(list(models.values()))

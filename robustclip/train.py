@@ -12,8 +12,15 @@ A run directory holds:
 - ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint.
 
 A resumed run continues from ``last.pt`` and is exact: weights, optimiser and scheduler,
-wrapper buffers and every RNG (global, data shuffling, augmentation) are restored, so on
-CPU it ends bit-for-bit where an uninterrupted run ends.
+wrapper buffers and every RNG (global, augmentation) are restored, and the shuffling is a
+function of (seed, epoch), so on CPU it ends bit-for-bit where an uninterrupted run ends.
+
+Under torchrun the run is data parallel (see robustclip.distributed): ``train.batch_size``
+is the global batch, split across the ranks (DDP averages the gradients, and the loss is
+weighted so that the average is the global batch mean); augmentation draws for the whole
+batch; metrics are all-reduced; rank 0 alone writes the run directory.  A checkpoint
+holds no trace of the world size, so a run resumes under any number of ranks.  Per-rank
+BatchNorm batch statistics are those of the rank's share (as with any DDP run).
 """
 from __future__ import annotations
 
@@ -23,18 +30,20 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from robustclip.checkpoint import load_state, read_checkpoint, save_checkpoint
 from robustclip.config import Config, differences, load_config, to_dict, to_toml
 from robustclip.data import dataset_info, load, synthetic
+from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
+                                    launch, on_main, part, sync_after_step)
 from robustclip.errors import RobustclipError
 from robustclip.models import build_model, wrappers
 
@@ -68,11 +77,18 @@ def _datasets(config: Config, data_dir: str | Path | None) -> tuple[TensorDatase
             load(name, "test", data_dir, limit=tc.limit_test or None))
 
 
-def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop (zero padding 4) and horizontal flip per image; x: (N, C, H, W)."""
+def augment(x: Tensor, generator: torch.Generator, share: slice = slice(None),
+            total: int | None = None) -> Tensor:
+    """Random crop (zero padding 4) and horizontal flip per image; x: (N, C, H, W).
+
+    The draws are made for a batch of ``total`` images (default N) of which x holds the
+    rows ``share``: a rank's share of a global batch is augmented as in a single process,
+    and the generator advances alike on every rank.
+    """
     n, c, h, w = x.shape
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    dy, dx = torch.randint(0, 9, (2, n, 1), generator=generator).to(x.device)
+    total = n if total is None else total
+    flip = (torch.rand(total, generator=generator) < 0.5)[share].to(x.device)
+    dy, dx = torch.randint(0, 9, (2, total, 1), generator=generator)[:, share].to(x.device)
     x = F.pad(torch.where(flip.view(n, 1, 1, 1), x.flip(3), x), (4, 4, 4, 4))
     rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
@@ -80,37 +96,59 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
              torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
 
-def _run_epoch(model: nn.Module, loader: DataLoader, device: torch.device,
-               optimizer: torch.optim.Optimizer | None = None,
-               transform: Callable[[Tensor], Tensor] | None = None,
-               desc: str = "", progress: bool = True) -> tuple[float, float, int]:
-    """One pass: training when ``optimizer`` is given, else evaluation (no grad, eval mode).
+Share = tuple[Tensor, Tensor, slice, int]
 
-    Returns (mean cross-entropy, accuracy in [0, 1], batches); one host sync at the end.
+
+def _shares(data: TensorDataset, batches: Sequence[Tensor], ctx: Context | None,
+            pin: bool) -> Iterator[Share]:
+    """(images, labels, rows, size) of this rank's rows of each batch (ctx None: all rows)."""
+    images, labels = data.tensors
+    for batch in batches:
+        rows = slice(None) if ctx is None else part(len(batch), ctx)
+        x, y = images[batch[rows]], labels[batch[rows]]
+        yield (x.pin_memory(), y.pin_memory(), rows, len(batch)) if pin else (x, y, rows, len(batch))
+
+
+def _run_epoch(model: nn.Module, shares: Iterator[Share], steps: int, ctx: Context,
+               optimizer: torch.optim.Optimizer | None = None,
+               transform: Callable[[Tensor, slice, int], Tensor] | None = None,
+               desc: str = "", progress: bool = True) -> tuple[float, float, int]:
+    """One pass over ``steps`` shares: training when ``optimizer`` is given, else evaluation.
+
+    Training weights each rank's summed loss by world size / global batch size, so the
+    gradient that DDP averages over the ranks is the mean over the global batch; after
+    each step the ranks take rank 0's spectral state (robustclip.distributed).  Returns
+    the (mean cross-entropy, accuracy in [0, 1], batches) of all ranks together; one
+    all-reduce and host sync at the end.
     """
     training = optimizer is not None
     model.train(training)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     count = batches = 0
     with torch.set_grad_enabled(training):
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for x, y, rows, total in tqdm(shares, total=steps, desc=desc, leave=False,
+                                      disable=not (progress and ctx.main), dynamic_ncols=True):
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             if transform is not None:
-                x = transform(x)
+                x = transform(x, rows, total)
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            losses = F.cross_entropy(logits, y, reduction="none")
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (losses.sum() * ctx.world_size / total).backward()
                 optimizer.step()
-            loss_sum += loss.detach().double() * y.numel()
+                sync_after_step(model, ctx)
+            loss_sum += losses.detach().sum().double()
             correct += (logits.detach().argmax(1) == y).sum()
             count += y.numel()
             batches += 1
-    if count == 0:
+    sums = torch.stack([loss_sum, correct.double(), torch.tensor(float(count), dtype=torch.float64,
+                                                                 device=ctx.device)])
+    loss_total, correct_total, count_total = all_reduce_sum(sums, ctx).tolist()
+    if count_total == 0:
         raise RobustclipError("no samples to train or test on (limit_train / limit_test = 0?)")
-    return float(loss_sum) / count, int(correct) / count, batches
+    return loss_total / count_total, correct_total / count_total, batches
 
 
 def _sigmas(model: nn.Module) -> dict[str, float]:
@@ -131,18 +169,19 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _rng_state(device: torch.device, *generators: torch.Generator) -> dict[str, Any]:
+    """The RNG states (the same on every rank); CUDA: this device's, whatever the world size."""
     state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device, *generators: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     for g, s in zip(generators, state["generators"]):
         g.set_state(s)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool) -> None:
@@ -171,50 +210,60 @@ def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool) -
 
 def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False,
           overwrite: bool = False, device: str | None = None,
-          data_dir: str | Path | None = None) -> Path:
+          data_dir: str | Path | None = None, backend: str | None = None) -> Path:
     """Train the model of ``config`` (a Config or a TOML path); write the run to ``out_dir``.
 
     resume: continue the run in ``out_dir`` from its ``last.pt`` (its config.toml must
     match ``config`` except train.epochs, train.device, log.progress); without a
     checkpoint it starts over.  overwrite: replace robustclip's files in an existing
     ``out_dir``.  device: overrides train.device.  data_dir: the data root (see
-    robustclip.data.data_root).  Returns the run directory.  Ctrl-C leaves ``last.pt`` at
-    the last completed epoch and re-raises KeyboardInterrupt.
+    robustclip.data.data_root).  backend: the torch.distributed backend under torchrun
+    (default: see robustclip.distributed).  Returns the run directory.  Ctrl-C leaves
+    ``last.pt`` at the last completed epoch and re-raises KeyboardInterrupt.
     """
     if not isinstance(config, Config):
         config = load_config(config)
-    out, tc = Path(out_dir), config.train
-    dev = resolve_device(device or tc.device)
+    with launch(resolve_device(device or config.train.device), backend) as ctx:
+        return _train(config, Path(out_dir), resume, overwrite, data_dir, ctx)
+
+
+def _train(config: Config, out: Path, resume: bool, overwrite: bool,
+           data_dir: str | Path | None, ctx: Context) -> Path:
+    """:func:`train` in the process ``ctx`` describes (one of the ranks, or the only process)."""
+    tc, dev = config.train, ctx.device
     torch.manual_seed(tc.seed)
     model = build_model(config.model.name, config.data.dataset, config.method.name,
                         config.method_args(), **config.model.args).to(dev)
-    _prepare_run_dir(out, config, resume, overwrite)
     train_set, test_set = _datasets(config, data_dir)
+    check_world(ctx, len(train_set), "training samples")
+    if tc.batch_size < ctx.world_size:
+        raise RobustclipError(f"train.batch_size {tc.batch_size} is smaller than the world size "
+                              f"{ctx.world_size}: every rank needs a share of each batch")
+    on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite))
     optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum,
                                 weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, tc.step_size, tc.gamma)
-    shuffle, crop = torch.Generator().manual_seed(tc.seed), torch.Generator().manual_seed(tc.seed + 1)
+    crop = torch.Generator().manual_seed(tc.seed + 1)
     history: list[dict[str, Any]] = []
     global_step = 0
-    if resume and (out / "last.pt").exists():
-        ckpt = read_checkpoint(out / "last.pt")
+    ckpt = on_main(ctx, lambda: read_checkpoint(out / "last.pt")
+                   if resume and (out / "last.pt").exists() else None)
+    if ckpt is not None:
         load_state(model, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], shuffle, crop)
+        _set_rng_state(ckpt["rng"], dev, crop)
         history, global_step = ckpt["metrics"], ckpt["global_step"]
         log.info("resuming %s after epoch %d (step %d)", out, ckpt["epoch"], global_step)
-    (out / "config.toml").write_text(to_toml(config))
-    _write_metrics(out / "metrics.csv", history)
-
-    loader = DataLoader(train_set, batch_size=None, generator=shuffle, pin_memory=dev.type == "cuda",
-                        sampler=BatchSampler(RandomSampler(train_set, generator=shuffle),
-                                             tc.batch_size, drop_last=False))
-    test_loader = DataLoader(test_set, batch_size=None, pin_memory=dev.type == "cuda",
-                             sampler=BatchSampler(SequentialSampler(test_set), tc.eval_batch_size, False))
-    transform = (lambda x: augment(x, crop)) if config.data.augment else None
+    on_main(ctx, lambda: ((out / "config.toml").write_text(to_toml(config)),
+                          _write_metrics(out / "metrics.csv", history)))
+    net = data_parallel(model, ctx)
+    pin = dev.type == "cuda"
+    # The test set in contiguous shares, one per rank; batches of eval_batch_size within.
+    test_batches = torch.arange(len(test_set))[part(len(test_set), ctx)].split(tc.eval_batch_size)
+    transform = (lambda x, share, total: augment(x, crop, share, total)) if config.data.augment else None
     writer = None
-    if config.log.tensorboard:
+    if config.log.tensorboard and ctx.main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out), purge_step=global_step + 1 if resume else None)
@@ -224,32 +273,38 @@ def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False
             "method": {"name": config.method.name, "args": config.method_args()},
             "dataset": config.data.dataset, "config": to_dict(config)}
     best = max((row["test_acc"] for row in history), default=-1.0)
-    log.info("%s + %s on %s (%d train, %d test samples), %s -> %s", config.model.name,
-             config.method.name, config.data.dataset, len(train_set), len(test_set), dev, out)
+    log.info("%s + %s on %s (%d train, %d test samples), %s%s -> %s", config.model.name,
+             config.method.name, config.data.dataset, len(train_set), len(test_set), dev,
+             f" x {ctx.world_size} ranks ({ctx.backend})" if ctx.distributed else "", out)
     pending, saved = None, len(history) - 1  # checkpoint of a completed epoch until on disk
     try:
         for epoch in range(len(history), tc.epochs):
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            batches = epoch_batches(len(train_set), tc.batch_size, tc.seed, epoch, ctx.world_size)
             train_loss, train_acc, steps = _run_epoch(
-                model, loader, dev, optimizer, transform, f"epoch {epoch}", config.log.progress)
+                net, _shares(train_set, batches, ctx, pin), len(batches), ctx, optimizer, transform,
+                f"epoch {epoch}", config.log.progress)
             global_step += steps
             scheduler.step()
-            test_loss, test_acc, _ = _run_epoch(model, test_loader, dev, desc="test",
-                                                progress=config.log.progress)
+            test_loss, test_acc, _ = _run_epoch(
+                model, _shares(test_set, test_batches, None, pin), len(test_batches), ctx,
+                desc="test", progress=config.log.progress)
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                    "test_loss": test_loss, "test_acc": test_acc, **_sigmas(model), "lr": lr,
                    "wall_time": time.perf_counter() - start}
             history.append(row)
+            improved, best = test_acc > best, max(best, test_acc)
+            if not ctx.main:
+                continue
             pending = {**meta, "epoch": epoch, "global_step": global_step, "metrics": history,
                        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "rng": _rng_state(dev, shuffle, crop)}
+                       "scheduler": scheduler.state_dict(), "rng": _rng_state(dev, crop)}
             _write_metrics(out / "metrics.csv", history)
             if writer is not None:
                 _log_tensorboard(writer, row, model, global_step)
             log.info("epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.3g | %.1fs",
                      epoch, train_loss, train_acc, test_loss, test_acc, lr, row["wall_time"])
-            if test_acc > best:
-                best = test_acc
+            if improved:
                 save_checkpoint(pending, out / "best.pt")
             save_checkpoint(pending, out / "last.pt")
             pending, saved = None, epoch
@@ -257,8 +312,9 @@ def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False
         if pending is not None:
             save_checkpoint(pending, out / "last.pt")
             saved = pending["epoch"]
-        log.warning("interrupted: %s; continue with `robustclip train --resume %s`",
-                    f"{out / 'last.pt'} holds epoch {saved}" if saved >= 0 else "no epoch completed", out)
+        if ctx.main:
+            log.warning("interrupted: %s; continue with `robustclip train --resume %s`",
+                        f"{out / 'last.pt'} holds epoch {saved}" if saved >= 0 else "no epoch completed", out)
         raise
     finally:
         if writer is not None:
