@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The evaluations behind results/, on the runs made by results/train.sh.
+# Run from the repository root:  bash results/attack.sh
+# Each output folder gets command.txt (the exact command) and machine.txt.
+set -euo pipefail
+rc=".venv/bin/robustclip"
+R=runs/results
+machine() { echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'), commit $(git rev-parse --short HEAD), $(date -u +%F)"; }
+run() {  # run OUT_DIR COMMAND...
+  local out=$1; shift
+  "$@" --out "$out"
+  echo "$*" --out "$out" > "$out/command.txt"
+  machine > "$out/machine.txt"
+}
+run results/mnist-simpleconv $rc attack $R/none-s1 $R/fastclip-s1 $R/fastclip-composite-s1 $R/miyato-s1 $R/gouk-s1 \
+    --suite attacks/mnist-results.toml --limit 1000 --seed 0
+run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/none-s3 $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 \
+    --attack pgd --eps 0.1 --eps 0.3 --limit 1000 --seed 0
+run results/ensemble-none $rc attack $R/none-s1 $R/none-s2 $R/none-s3 --ensemble \
+    --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
+run results/ensemble-fastclip $rc attack $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 --ensemble \
+    --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
+.venv/bin/python results/plot_training.py $R results/training

@@ -1,0 +1,49 @@
+"""Every table in results/ is internally consistent (and the check itself can fail)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+TABLES = sorted(RESULTS.rglob("results.json"))
+
+
+def inconsistencies(rows: list[dict]) -> list[str]:
+    """Plain-words problems of a results table: certified <= robust <= clean, bound >= empirical."""
+    problems = []
+    for i, row in enumerate(rows):
+        where = f"row {i} ({row.get('model')}, {row.get('attack')}, {row.get('norm')} eps={row.get('eps')})"
+        clean, robust, cert = row["clean_acc"], row["robust_acc"], row["certified_acc"]
+        for name, value in (("clean_acc", clean), ("robust_acc", robust), ("certified_acc", cert)):
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                problems.append(f"{where}: {name} {value!r} is not a fraction in [0, 1]")
+        if not robust <= clean + 1e-12:
+            problems.append(f"{where}: robust {robust} > clean {clean}")
+        if cert is not None and not (isinstance(cert, float) and math.isnan(cert)) and not cert <= robust + 1e-12:
+            problems.append(f"{where}: certified {cert} > robust {robust}")
+        bound, empirical = row.get("lipschitz_bound"), row.get("lipschitz_empirical")
+        if all(isinstance(v, (int, float)) and not math.isnan(v) for v in (bound, empirical)):
+            if not bound >= empirical:
+                problems.append(f"{where}: Lipschitz bound {bound} < empirical {empirical}")
+        if row.get("n", 0) <= 0:
+            problems.append(f"{where}: no samples")
+    return problems
+
+
+def test_checker_catches_each_kind_of_inconsistency():
+    good = {"model": "m", "attack": "pgd", "norm": "Linf", "eps": 0.1, "n": 10, "clean_acc": 0.9,
+            "robust_acc": 0.5, "certified_acc": 0.2, "lipschitz_bound": 3.0, "lipschitz_empirical": 1.0}
+    assert inconsistencies([good]) == []
+    for change in ({"robust_acc": 0.95}, {"certified_acc": 0.6}, {"lipschitz_bound": 0.5},
+                   {"clean_acc": 1.2}, {"n": 0}):
+        assert inconsistencies([{**good, **change}]), change
+
+
+@pytest.mark.parametrize("path", TABLES, ids=[str(p.relative_to(RESULTS)) for p in TABLES])
+def test_results_table_is_consistent(path):
+    rows = json.loads(path.read_text())
+    assert rows, f"{path} is empty"
+    assert inconsistencies(rows) == []
+    for name in ("command.txt",):
+        assert (path.parent / name).exists(), f"{path.parent} lacks {name}: how was it made?"
