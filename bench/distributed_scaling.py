@@ -69,7 +69,8 @@ def eval_samples_per_second(ctx: Context, args: argparse.Namespace) -> float:
     model = build_model("simpleconv", "mnist", "fastclip", METHOD_ARGS).eval()
     images, labels = synthetic(args.samples, seed=1).tensors
     spec = make_spec("pgd", 0.3, steps=args.pgd_steps)
-    evaluate({"m": model}, images[: args.eval_batch_size], labels[: args.eval_batch_size], [spec],
+    warm = args.eval_batch_size * ctx.world_size  # one batch per rank
+    evaluate({"m": model}, images[:warm], labels[:warm], [spec],
              batch_size=args.eval_batch_size, bounds=False)
     rates = []
     for _ in range(args.rounds):
