@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [plots]
+# (no argument: all four, in that order)
 # Each output folder gets command.txt (the exact command) and machine.txt.
 set -euo pipefail
 rc=".venv/bin/robustclip"
@@ -12,12 +13,23 @@ run() {  # run OUT_DIR COMMAND...
   echo "$*" --out "$out" > "$out/command.txt"
   machine > "$out/machine.txt"
 }
-run results/mnist-simpleconv $rc attack $R/none-s1 $R/fastclip-s1 $R/fastclip-composite-s1 $R/miyato-s1 $R/gouk-s1 \
-    --suite attacks/mnist-results.toml --limit 1000 --seed 0
-run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/none-s3 $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 \
-    --attack pgd --eps 0.1 --eps 0.3 --limit 1000 --seed 0
-run results/ensemble-none $rc attack $R/none-s1 $R/none-s2 $R/none-s3 --ensemble \
-    --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
-run results/ensemble-fastclip $rc attack $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 --ensemble \
-    --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
-.venv/bin/python results/plot_training.py $R results/training
+main() {
+  run results/mnist-simpleconv $rc attack $R/none-s1 $R/fastclip-s1 $R/fastclip-composite-s1 $R/miyato-s1 $R/gouk-s1 \
+      --suite attacks/mnist-results.toml --limit 1000 --seed 0
+}
+transfer() {
+  run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/fastclip-s1 $R/fastclip-s2 \
+      --attack pgd --eps 0.1 --eps 0.3 --limit 1000 --seed 0
+}
+ensembles() {
+  run results/ensemble-none $rc attack $R/none-s1 $R/none-s2 --ensemble \
+      --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
+  run results/ensemble-fastclip $rc attack $R/fastclip-s1 $R/fastclip-s2 --ensemble \
+      --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
+}
+plots() {
+  .venv/bin/python results/plot_training.py $R results/training
+}
+for part in "${@:-main transfer ensembles plots}"; do
+  for p in $part; do "$p"; done
+done

@@ -11,7 +11,7 @@ jobs=()
 for m in none fastclip fastclip-composite miyato gouk; do
   jobs+=("$rc train --config configs/mnist-simpleconv-$m.toml --epochs $EPOCHS --seed 1 --out runs/results/$m-s1")
 done
-for s in 2 3; do
+for s in 2; do  # seed 3 was planned; the session's time ran out first
   for m in none fastclip; do
     jobs+=("$rc train --config configs/mnist-simpleconv-$m.toml --epochs $EPOCHS --seed $s --out runs/results/$m-s$s")
   done
