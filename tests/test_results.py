@@ -9,8 +9,24 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 TABLES = sorted(RESULTS.rglob("results.json"))
 
 
+def transfer_inconsistencies(rows: list[dict]) -> list[str]:
+    """Transfer tables: 0 <= accuracy <= clean (accuracy counts samples correct on x and x_adv).
+
+    "White-box at least as strong as transfer" is a heuristic (PGD is not optimal): the
+    harness reports it as a warning in the table, it is not asserted here.
+    """
+    problems = []
+    for i, r in enumerate(rows):
+        where = f"row {i} ({r['source']} -> {r['target']}, {r['attack']} eps={r['eps']})"
+        if not 0.0 <= r["accuracy"] <= r["clean_acc"] + 1e-12:
+            problems.append(f"{where}: accuracy {r['accuracy']} outside [0, clean {r['clean_acc']}]")
+    return problems
+
+
 def inconsistencies(rows: list[dict]) -> list[str]:
     """Plain-words problems of a results table: certified <= robust <= clean, bound >= empirical."""
+    if rows and "source" in rows[0]:
+        return transfer_inconsistencies(rows)
     problems = []
     for i, row in enumerate(rows):
         where = f"row {i} ({row.get('model')}, {row.get('attack')}, {row.get('norm')} eps={row.get('eps')})"
@@ -38,6 +54,12 @@ def test_checker_catches_each_kind_of_inconsistency():
     for change in ({"robust_acc": 0.95}, {"certified_acc": 0.6}, {"lipschitz_bound": 0.5},
                    {"clean_acc": 1.2}, {"n": 0}):
         assert inconsistencies([{**good, **change}]), change
+    wb = {"attack": "pgd", "eps": 0.3, "source": "a", "target": "a", "kind": "white-box",
+          "accuracy": 0.1, "clean_acc": 0.9}
+    tr = {**wb, "source": "b", "kind": "transfer", "accuracy": 0.5}
+    assert inconsistencies([wb, tr]) == []
+    assert inconsistencies([wb, {**tr, "accuracy": 0.95}])
+    assert inconsistencies([wb, {**tr, "accuracy": -0.1}])
 
 
 @pytest.mark.parametrize("path", TABLES, ids=[str(p.relative_to(RESULTS)) for p in TABLES])
