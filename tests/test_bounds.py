@@ -17,29 +17,15 @@ import torchattacks
 from robustclip import SpectralClip, dense_singular_values
 from robustclip.bounds import certified, empirical_lipschitz, linf_to_l2, lipschitz_report
 from robustclip.errors import RobustclipError
+from robustclip.models import Normalize as InputNormalize
 
 SHAPE = (1, 6, 6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny operators: one thread is faster, and immune to oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-class Normalize(nn.Module):
+def Normalize() -> nn.Module:
     """Fixture input layer: (x - mean) / std, std 0.3081 as for MNIST."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(0.1307).view(1, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(0.3081).view(1, 1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
+    return InputNormalize((0.1307,), (0.3081,))
 
 
 class Residual(nn.Module):

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from robustclip import harness as H
 from robustclip.bounds import lipschitz_report
+from robustclip.models import Normalize as InputNormalize
 from robustclip.data import synthetic
 from robustclip.errors import RobustclipError
 from robustclip.report import prepare_out_dir, results_table, write_results
@@ -36,23 +37,9 @@ FAST = {  # few steps: tests check the harness, not attack strength
 EPS = {"Linf": [0.0, 0.03, 0.06, 0.1, 0.2], "L2": [0.0, 0.3, 0.6, 1.0, 2.0]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-class Normalize(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(0.2).view(1, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(0.3).view(1, 1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
+def Normalize() -> nn.Module:
+    return InputNormalize((0.2,), (0.3,))
 
 
 def _train(seed: int, dataset: str = "mnist") -> nn.Module:

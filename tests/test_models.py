@@ -15,14 +15,6 @@ DATASET = {"simpleconv": "mnist", "simpleconv-composite": "mnist", "mnist-cnn": 
            "resnet18": "cifar10", "dla": "cifar10"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _unwrapped_paths(name: str) -> set[str]:
     return {n for n, _ in build_model(name, DATASET[name], **SMALL[name]).named_modules()}

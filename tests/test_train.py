@@ -32,14 +32,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, immune to busy cores, and matches the subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(method: str = "fastclip", *extra: str) -> Config:
     model = "simpleconv-composite" if method == "fastclip-composite" else "simpleconv"
