@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustclip.errors import RobustclipError
-
-log = logging.getLogger(__name__)
 
 LinearMap = Callable[[Tensor], Tensor]
 """A(x) for a batch x of shape (n, *input_shape); output (n, *output_shape)."""
