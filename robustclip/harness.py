@@ -48,7 +48,13 @@ import torchattacks
 from torch import Tensor
 from tqdm import tqdm
 
-from robustclip.bounds import certified, linf_to_l2, lipschitz_report, pair_ratios
+from robustclip.bounds import (
+    certified,
+    exact_pair_ratios,
+    float64_twin,
+    linf_to_l2,
+    lipschitz_report,
+)
 from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError
 
@@ -583,14 +589,18 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tensor]],
-               warnings: list[SanityWarning]) -> CleanPass:
+               warnings: list[SanityWarning], twin: nn.Module | None = None) -> CleanPass:
     """Clean logits (computed twice: determinism), input range and NaN checks, test pairs.
+
+    twin: the model's :func:`~robustclip.bounds.float64_twin`, on which the ratios over
+    neighbouring test pairs are measured; None skips them (ratio 0).
 
     Under a process group each rank runs its batches and every rank gets the merged pass.
     """
     device, ctx = _device(model), current()
     logits: dict[int, Tensor] = {}
-    ratio, spread = torch.zeros((), device=device), torch.zeros((), device=device)
+    spread = torch.zeros((), device=device)
+    ratio = torch.zeros((), device=device, dtype=torch.float64)
     bad_range = nan = 0
     with torch.no_grad():
         for b in my_batches(len(batches), ctx):
@@ -599,14 +609,16 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
             out, again = model(x), model(x)
             spread = torch.maximum(spread, (out - again).abs().max())
             nan = nan + out.isnan().any(1).sum()
-            ratio = torch.maximum(ratio, pair_ratios(out, out.roll(1, 0), x, x.roll(1, 0)).max())
+            if twin is not None:
+                ratio = torch.maximum(ratio, exact_pair_ratios(twin, x, x.roll(1, 0)).max())
             logits[b] = out
     if ctx.distributed:
         parts = all_gather(({b: t.cpu() for b, t in logits.items()}, int(bad_range), int(nan),
                             float(spread), float(ratio)), ctx)
         logits = {b: t.to(device) for p in parts for b, t in p[0].items()}
         bad_range, nan = (sum(p[i] for p in parts) for i in (1, 2))
-        spread, ratio = (torch.tensor(max(p[i] for p in parts), device=device) for i in (3, 4))
+        spread = torch.tensor(max(p[3] for p in parts), device=device)
+        ratio = torch.tensor(max(p[4] for p in parts), device=device, dtype=torch.float64)
     logits = torch.cat([logits[b] for b in range(len(batches))])
     labels = torch.cat([y for _, y in batches]).to(device)
     if int(bad_range):
@@ -676,7 +688,8 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
     shape = tuple(batches[0][0].shape[1:])
     warnings = evaluation.warnings
     bound = on_main(ctx, lambda: _bound_of(name, model, shape, bounds, warnings))
-    clean = clean_pass(model, name, batches, warnings)
+    twin = float64_twin(model)  # pair ratios in float64: float32 rounding is not Lipschitz
+    clean = clean_pass(model, name, batches, warnings, twin)
     labels = torch.cat([y for _, y in batches]).to(device)
     starts = [0, *itertools.accumulate(len(y) for _, y in batches)]
     ratio = clean.ratio
@@ -689,7 +702,7 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
         correct: dict[AttackSpec, dict[int, Tensor]] = {s: {} for s in group}
         for b in mine:
             x, y = (t.to(device) for t in batches[b])
-            ok, out_clean = (t[starts[b]:starts[b + 1]] for t in (clean.correct, clean.logits))
+            ok = clean.correct[starts[b]:starts[b + 1]]
             advs = adversarial(model, group, x, y, seed, b)
             mode = _mode_warning(model, name, f"after {group[0].label}")
             if mode:
@@ -699,7 +712,7 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
                     out = model(x_adv)
                     adv_ok = out.argmax(1) == y
                     tallies[s].add(x, x_adv, out, ok, adv_ok)
-                    ratio = torch.maximum(ratio, pair_ratios(out, out_clean, x_adv, x).max())
+                    ratio = torch.maximum(ratio, exact_pair_ratios(twin, x_adv, x).max())
                     correct[s][b] = adv_ok
             bar.update()
         if ctx.distributed:
@@ -737,7 +750,7 @@ def _share_run(ctx: Context, device: torch.device, group: list[AttackSpec],
         keys = dict.fromkeys(k for p in parts for k in p[1][i][0])
         tallies[s].counts = {k: sum(p[1][i][0].get(k, 0) for p in parts) for k in keys}
         tallies[s].worst = max(p[1][i][1] for p in parts)
-    return torch.tensor(max(p[2] for p in parts), device=device)
+    return torch.tensor(max(p[2] for p in parts), device=device, dtype=torch.float64)
 
 
 def _certified(clean: CleanPass, labels: Tensor, bound: float, spec: AttackSpec,
@@ -980,13 +993,13 @@ def lipschitz_summary(models: Mapping[str, nn.Module], images: Tensor, labels: T
         start = time.perf_counter()
         bound, layers[name] = lipschitz_report(model, tuple(images.shape[1:]), **bound_kwargs)
         with evaluating(model):
-            ratio = clean_pass(model, name, batches, []).ratio
+            twin = float64_twin(model)
+            ratio = clean_pass(model, name, batches, [], twin).ratio
             device = _device(model)
             for b, (x, y) in enumerate(batches):
                 x, y = x.to(device), y.to(device)
                 x_adv = adversarial(model, [spec], x, y, seed, b)[spec]
-                with torch.no_grad():
-                    ratio = torch.maximum(ratio, pair_ratios(model(x_adv), model(x), x_adv, x).max())
+                ratio = torch.maximum(ratio, exact_pair_ratios(twin, x_adv, x).max())
         rows.append({"model": name, "bound": bound, "empirical": float(ratio),
                      "bound_over_empirical": bound / float(ratio) if float(ratio) > 0 else math.nan,
                      "seconds": time.perf_counter() - start})

@@ -141,6 +141,31 @@ def test_bound_never_below_empirical(name):
     assert 0 < adversarial <= bound
 
 
+class Offset(nn.Module):
+    """model(x) + a constant."""
+
+    def __init__(self, model: nn.Module, offset: float) -> None:
+        super().__init__()
+        self.model, self.offset = model, offset
+
+    def forward(self, x):
+        return self.model(x) + self.offset
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_bound_holds_for_pairs_one_float32_ulp_apart(name):
+    """Regression (issue 4): CW's tanh round trip leaves x_adv about 1e-7 from x, where
+    float32 rounding of the logits (ulp 6e-5 at 1000), not the network, made the ratio
+    exceed the bound."""
+    model = Offset(FIXTURES[name], 1000.0)  # a constant leaves the Lipschitz constant alone
+    bound, _ = lipschitz_report(model, SHAPE)
+    assert bound == pytest.approx(lipschitz_report(FIXTURES[name], SHAPE)[0])
+    x = torch.rand(256, *SHAPE, generator=torch.Generator().manual_seed(5))
+    other = torch.nextafter(x, torch.ones_like(x))  # every pixel one ulp up: distance ~1e-7 * 6
+    assert float((other - x).flatten(1).norm(dim=1).max()) < 1e-5
+    assert 0 < empirical_lipschitz(model, x, other) <= bound
+
+
 def test_empirical_lipschitz_of_a_linear_map():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=True))
     with torch.no_grad():
