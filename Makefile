@@ -25,7 +25,8 @@ demo: $(STAMP)
 	$(PY) -m robustclip demo
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/harness_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,8 @@
 """Training throughput (images/s) of each spectral method relative to plain training.
 
-Every method trains the tutorial's model (``simpleconv``; ``fastclip-composite`` needs
+Variants: every method of ``robustclip.models.METHODS``, plus ``tracking`` (FastClip's
+wrappers with ``clip = None``: PowerQR tracking only, no clip events).  Goal (issue 2):
+tracking and fastclip within 1.10 of none.  Every variant trains the tutorial's model (``simpleconv``; ``fastclip-composite`` needs
 its composite variant ``simpleconv-composite``) with SGD on synthetic MNIST-shaped
 batches, in the same process, on the same device.  Methods are timed in interleaved
 rounds (a round: ``--steps`` steps of each method in turn) and the median per method is
@@ -67,14 +69,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batches = [(xb.to(device), yb.to(device)) for xb, yb in
                zip(x.split(args.batch_size), y.split(args.batch_size))]
     method_args = {"clip": 1.0, "clip_steps": args.clip_steps, "init_delay": 0}
+    variants = {m: (m, method_args) for m in METHODS}
+    variants["tracking"] = ("fastclip", method_args | {"clip": None})
     runs = {}
-    for method in METHODS:
+    for label, (method, m_args) in variants.items():
         name = "simpleconv-composite" if method == "fastclip-composite" else "simpleconv"
-        model = build_model(name, "mnist", method, method_args).to(device).train()
+        model = build_model(name, "mnist", method, m_args).to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         _steps(model, optimizer, batches, 3, device)  # warm-up: first-step initialisation
-        runs[method] = (name, model, optimizer)
-    rates: dict[str, list[float]] = {m: [] for m in METHODS}
+        runs[label] = (name, model, optimizer)
+    rates: dict[str, list[float]] = {m: [] for m in runs}
     for r in range(args.rounds):
         for method, (_, model, optimizer) in runs.items():
             rates[method].append(_steps(model, optimizer, batches, args.steps, device))
