@@ -442,13 +442,15 @@ def float64_twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval().to(torch.float64)
 
 
-def exact_pair_ratios(twin: nn.Module, x: Tensor, x_other: Tensor) -> Tensor:
+def exact_pair_ratios(twin: nn.Module, x: Tensor, x_other: Tensor,
+                      f_other: Tensor | None = None) -> Tensor:
     """Per pair ||f(x) - f(x')|| / ||x - x'||, shape (n,), evaluated in float64 on
     ``twin`` (a :func:`float64_twin`): a true lower bound of f's L2 Lipschitz constant
-    even for pairs a float32 ulp apart.  Returned in float64, on the inputs' device."""
+    even for pairs a float32 ulp apart.  f_other: ``twin(x_other)`` if already computed.
+    Returned in float64, on the inputs' device."""
     xd, od = x.to(torch.float64), x_other.to(torch.float64)
     with torch.no_grad():
-        return pair_ratios(twin(xd), twin(od), xd, od)
+        return pair_ratios(twin(xd), twin(od) if f_other is None else f_other, xd, od)
 
 
 def empirical_lipschitz(model: nn.Module, x: Tensor, x_other: Tensor) -> float:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 import zlib
@@ -309,7 +310,12 @@ def data_parallel(model: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.distributed:
         return model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    # torch before forward_sync_buffers: broadcast_buffers=False also skips the buffers'
+    # broadcast at construction, so it is done here
+    broadcast(list(model.buffers()), ctx)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def spectral_state(model: nn.Module) -> list[Tensor]:

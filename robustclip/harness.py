@@ -54,6 +54,7 @@ from robustclip.bounds import (
     float64_twin,
     linf_to_l2,
     lipschitz_report,
+    pair_ratios,
 )
 from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError
@@ -568,11 +569,13 @@ class Evaluation:
 @dataclass
 class CleanPass:
     """A model's clean pass: logits (n, classes), correctness (n,) on the model's device,
-    and the largest empirical Lipschitz ratio over neighbouring test pairs (scalar)."""
+    the largest empirical Lipschitz ratio over neighbouring test pairs (scalar), and the
+    float64 twin's logits of this rank's batches (batch index -> (b, classes))."""
 
     logits: Tensor
     correct: Tensor
     ratio: Tensor
+    exact: dict[int, Tensor] = field(default_factory=dict)
 
 
 def _batches(images: Tensor, labels: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
@@ -599,6 +602,7 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
     """
     device, ctx = _device(model), current()
     logits: dict[int, Tensor] = {}
+    exact: dict[int, Tensor] = {}
     spread = torch.zeros((), device=device)
     ratio = torch.zeros((), device=device, dtype=torch.float64)
     bad_range = nan = 0
@@ -610,7 +614,9 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
             spread = torch.maximum(spread, (out - again).abs().max())
             nan = nan + out.isnan().any(1).sum()
             if twin is not None:
-                ratio = torch.maximum(ratio, exact_pair_ratios(twin, x, x.roll(1, 0)).max())
+                exact[b], xd = twin(x.double()), x.double()
+                ratio = torch.maximum(ratio, pair_ratios(exact[b], exact[b].roll(1, 0),
+                                                         xd, xd.roll(1, 0)).max())
             logits[b] = out
     if ctx.distributed:
         parts = all_gather(({b: t.cpu() for b, t in logits.items()}, int(bad_range), int(nan),
@@ -629,7 +635,7 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
     if float(spread) > 1e-5 * max(float(logits.abs().max()), 1.0):
         warnings.append(SanityWarning(f"model outputs are not deterministic: two clean passes "
                                       f"differ by up to {float(spread):.3g}", name))
-    return CleanPass(logits, logits.argmax(1) == labels, ratio)
+    return CleanPass(logits, logits.argmax(1) == labels, ratio, exact)
 
 
 def l2_radius(norm: str, eps: float, shape: Sequence[int]) -> float:
@@ -712,7 +718,7 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
                     out = model(x_adv)
                     adv_ok = out.argmax(1) == y
                     tallies[s].add(x, x_adv, out, ok, adv_ok)
-                    ratio = torch.maximum(ratio, exact_pair_ratios(twin, x_adv, x).max())
+                    ratio = torch.maximum(ratio, exact_pair_ratios(twin, x_adv, x, clean.exact[b]).max())
                     correct[s][b] = adv_ok
             bar.update()
         if ctx.distributed:

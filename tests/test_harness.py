@@ -144,7 +144,7 @@ def test_pgd_agrees_with_foolbox(models, data):
     gradient signs); with random start the starts differ: tolerance 0.06."""
     x, y = data
     model = models["a"]
-    fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
+    fmodel = foolbox.PyTorchModel(model, bounds=(0, 1), device=x.device)  # else cuda when present
     for random_start, tol in [(False, 0.02), (True, 0.06)]:
         spec = H.make_spec("pgd", 0.06, steps=10, rel_stepsize=0.1, random_start=random_start)
         ev = H.evaluate({"a": model}, x, y, [spec], bounds=False, batch_size=100)
