@@ -23,3 +23,11 @@ def mnist_root() -> Path:
     from robustclip.data import data_root, fetch
 
     return fetch("mnist", data_root(None), progress=False)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that takes the real MNIST (``mnist_root``) is marked ``mnist``, so that
+    ``-m "not mnist"`` leaves out everything that needs the data."""
+    for item in items:
+        if "mnist_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.mnist)

@@ -422,7 +422,8 @@ def _cli(*args: str):
     (["{missing}", "--eps", "0.1"], "does not exist"),
     (["{corrupt}", "--eps", "0.1"], "corrupt"),
     (["{m1}", "{f1}", "--eps", "0.1", "--ensemble"], "different datasets"),
-    (["{m1}", "--eps", "0.1", "--limit", "10001", "--data-dir", "{data}"], "--limit 10001 is outside 1..10000"),
+    pytest.param(["{m1}", "--eps", "0.1", "--limit", "10001", "--data-dir", "{data}"],
+                 "--limit 10001 is outside 1..10000", marks=pytest.mark.mnist),
 ])
 def test_cli_bad_input(runs, tmp_path, args, message, request):
     bad = tmp_path / "bad.toml"
