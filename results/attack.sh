@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [plots]
-# (no argument: all four, in that order)
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots]
+# (no argument: all five, in that order)
 # Each output folder gets command.txt (the exact command) and machine.txt.
 set -euo pipefail
 rc=".venv/bin/robustclip"
 R=runs/results
-machine() { echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'), commit $(git rev-parse --short HEAD), $(date -u +%F)"; }
+machine() { echo "$(nproc --all) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'), commit $(git rev-parse --short HEAD), $(date -u +%F)"; }
 run() {  # run OUT_DIR COMMAND...
   local out=$1; shift
+  rm -rf "$out"  # regenerated whole (the old one stays in git)
   "$@" --out "$out"
   echo "$*" --out "$out" > "$out/command.txt"
   machine > "$out/machine.txt"
@@ -18,18 +19,22 @@ main() {
       --suite attacks/mnist-results.toml --limit 1000 --seed 0
 }
 transfer() {
-  run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/fastclip-s1 $R/fastclip-s2 \
+  run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/none-s3 $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 \
       --attack pgd --eps 0.1 --eps 0.3 --limit 1000 --seed 0
 }
 ensembles() {
-  run results/ensemble-none $rc attack $R/none-s1 $R/none-s2 --ensemble \
+  run results/ensemble-none $rc attack $R/none-s1 $R/none-s2 $R/none-s3 --ensemble \
       --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
-  run results/ensemble-fastclip $rc attack $R/fastclip-s1 $R/fastclip-s2 --ensemble \
+  run results/ensemble-fastclip $rc attack $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 --ensemble \
+      --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
+}
+seeds() {  # the composite's robustness, the headline claim, on its other seeds
+  run results/seeds-composite $rc attack $R/fastclip-composite-s2 $R/fastclip-composite-s3 \
       --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
 }
 plots() {
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles plots}"; do
+for part in "${@:-main transfer ensembles seeds plots}"; do
   for p in $part; do "$p"; done
 done
