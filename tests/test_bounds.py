@@ -15,7 +15,15 @@ import torch.nn.functional as F
 import torchattacks
 
 from robustclip import SpectralClip, dense_singular_values
-from robustclip.bounds import certified, empirical_lipschitz, linf_to_l2, lipschitz_report
+from robustclip.bounds import (
+    certified,
+    empirical_lipschitz,
+    exact_pair_ratios,
+    float64_twin,
+    linf_to_l2,
+    lipschitz_report,
+    screened_ratio,
+)
 from robustclip.errors import RobustclipError
 from robustclip.models import Normalize as InputNormalize
 
@@ -164,6 +172,28 @@ def test_bound_holds_for_pairs_one_float32_ulp_apart(name):
     other = torch.nextafter(x, torch.ones_like(x))  # every pixel one ulp up: distance ~1e-7 * 6
     assert float((other - x).flatten(1).norm(dim=1).max()) < 1e-5
     assert 0 < empirical_lipschitz(model, x, other) <= bound
+
+
+def test_screened_ratio_finds_the_true_maximum_among_rounding_pairs():
+    """20 pairs a float32 ulp apart whose float32 outputs carry rounding noise (quotients
+    near 1000), and one pair along the top singular direction (exact ratio 2): the screen
+    picks the real pair and reports only ratios measured in float64."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[2.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    x = torch.rand(21, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    other = torch.nextafter(x, torch.ones_like(x))
+    other[20] = x[20]
+    other[20, 0, 0, 0] = x[20, 0, 0, 0] + 0.5
+    with torch.no_grad():
+        f, f_other = model(x), model(other)
+    f_other[:20] += 1e-4  # rounding noise of logits near 1000
+    assert ((f - f_other).norm(dim=1) / (x - other).flatten(1).norm(dim=1)).max() > 100
+    twin = float64_twin(model)
+    assert float(screened_ratio(twin, x, other, f, f_other, top=4)) == pytest.approx(2.0)
+    # without the floor the noisy pairs crowd the real one out (their exact ratios are < 2)
+    assert float(screened_ratio(twin, x, other, f, f_other, top=4, floor=0.0)) < 2.0 - 1e-3
+    assert float(exact_pair_ratios(twin, x, other).max()) == pytest.approx(2.0)
 
 
 def test_empirical_lipschitz_of_a_linear_map():
