@@ -118,7 +118,7 @@ def torchrun_env() -> tuple[int, int, int] | None:
     try:
         rank, world, local = (int(os.environ[name]) for name in names)
     except (KeyError, ValueError):
-        raise RobustclipError(f"torchrun environment incomplete or malformed: "
+        raise RobustclipError("torchrun environment incomplete or malformed: "
                               + ", ".join(f"{n}={os.environ.get(n)!r}" for n in names)) from None
     if not (0 <= rank < world and local >= 0):
         raise RobustclipError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")

@@ -214,8 +214,8 @@ def _targets(model: nn.Module, method: str) -> list[tuple[str, nn.Module]]:
     layers = (nn.Conv2d, nn.Linear) + ((ConvBN,) if method == "fastclip-composite" else ())
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, layers)]
     if method == "fastclip-composite" and not any(isinstance(m, ConvBN) for _, m in found):
-        raise RobustclipError(f"method 'fastclip-composite' needs conv+BN composites; this model "
-                              f"has none (use simpleconv-composite instead of simpleconv)")
+        raise RobustclipError("method 'fastclip-composite' needs conv+BN composites; this model "
+                              "has none (use simpleconv-composite instead of simpleconv)")
     return found[::-1]  # pre-order reversed: a composite's conv is wrapped before it
 
 

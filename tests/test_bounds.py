@@ -26,6 +26,7 @@ from robustclip.bounds import (
 )
 from robustclip.errors import RobustclipError
 from robustclip.models import Normalize as InputNormalize
+from helpers import Offset
 
 SHAPE = (1, 6, 6)
 
@@ -147,17 +148,6 @@ def test_bound_never_below_empirical(name):
     adversarial = empirical_lipschitz(model, x, _pgd_l2_pairs(model, x))
     assert 0 < test_pairs <= bound
     assert 0 < adversarial <= bound
-
-
-class Offset(nn.Module):
-    """model(x) + a constant."""
-
-    def __init__(self, model: nn.Module, offset: float) -> None:
-        super().__init__()
-        self.model, self.offset = model, offset
-
-    def forward(self, x):
-        return self.model(x) + self.offset
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))

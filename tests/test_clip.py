@@ -8,15 +8,7 @@ import torch.nn.functional as F
 
 from robustclip import SpectralClip, SpectralNorm, dense_singular_values
 from robustclip.errors import RobustclipError
-
-
-def _bn(channels: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_var.uniform_(0.1, 0.5)
-        bn.running_mean.uniform_(-1, 1)
-        bn.weight.uniform_(1, 3)
-    return bn
+from helpers import random_bn
 
 
 LAYERS = [
@@ -24,7 +16,7 @@ LAYERS = [
     ("conv-circular-s2", lambda: nn.Conv2d(2, 6, 3, stride=2, padding=1, padding_mode="circular"), (2, 10, 10)),
     ("conv1d-reflect", lambda: nn.Conv1d(3, 5, 5, padding=2, padding_mode="reflect"), (3, 20)),
     ("linear", lambda: nn.Linear(40, 12), (40,)),
-    ("conv+bn", lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), _bn(6)), (2, 8, 8)),
+    ("conv+bn", lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), random_bn(6)), (2, 8, 8)),
 ]
 
 
@@ -62,7 +54,7 @@ def test_two_sided_raises_small_singular_values():
 
 
 def test_batchnorm_alone_is_clamped_exactly():
-    bn = _bn(5)
+    bn = random_bn(5)
     SpectralClip(bn, clip=1.0, clip_steps=1).train()(torch.randn(8, 5, 4, 4))
     bn.eval()
     expected = (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).max()
@@ -126,7 +118,7 @@ def test_composite_stays_within_bound_at_every_step(seed):
 
 
 def test_eval_mode_is_a_pass_through():
-    layer = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), _bn(3))
+    layer = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), random_bn(3))
     wrapped = SpectralClip(layer, clip=0.5, clip_steps=1).eval()
     state = copy.deepcopy(wrapped.state_dict())
     x = torch.randn(4, 1, 6, 6)

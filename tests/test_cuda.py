@@ -21,19 +21,11 @@ from robustclip.config import Config, override
 from robustclip.data import synthetic
 from robustclip.models import build_model
 from robustclip.train import train
+from helpers import random_bn, tiny_classifier
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPU = torch.device("cuda", 0)
-
-
-def _bn(channels: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        bn.running_var.uniform_(0.1, 0.5)
-        bn.running_mean.uniform_(-1, 1)
-        bn.weight.uniform_(1, 3)
-    return bn
 
 
 LAYERS = [
@@ -41,8 +33,8 @@ LAYERS = [
     ("conv-circular-s2", lambda: nn.Conv2d(2, 6, 3, stride=2, padding=1, padding_mode="circular"),
      (2, 10, 10)),
     ("linear", lambda: nn.Linear(40, 12), (40,)),
-    ("batchnorm", lambda: _bn(3), (3, 4, 4)),
-    ("conv+bn", lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), _bn(6)), (2, 8, 8)),
+    ("batchnorm", lambda: random_bn(3), (3, 4, 4)),
+    ("conv+bn", lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), random_bn(6)), (2, 8, 8)),
 ]
 IDS = [c[0] for c in LAYERS]
 
@@ -113,24 +105,8 @@ def test_training_steps_make_no_host_sync(method):
     assert _sync_warnings(lambda: steps(10)) == []
 
 
-def _tiny_classifier() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(robustclip.models.Normalize((0.2,), (0.3,)), nn.Conv2d(1, 6, 3, padding=1),
-                          nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(600, 10))
-    x, y = synthetic(600, (1, 10, 10), 10, seed=0).tensors
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(4):
-        for xb, yb in zip(x.split(100), y.split(100)):
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    model.robustclip_meta = {"model": {"name": "fixture", "args": {}},
-                             "method": {"name": "none", "args": {}}, "dataset": "mnist"}
-    return model.eval()
-
-
 def test_attack_table_on_cuda_matches_cpu():
-    cpu_model = _tiny_classifier()
+    cpu_model = tiny_classifier(0, epochs=4)
     gpu_model = copy.deepcopy(cpu_model).to(GPU)
     x, y = synthetic(200, (1, 10, 10), 10, seed=1).tensors
     specs = [H.make_spec("fgsm", 0.05), H.make_spec("pgd", 0.05, steps=10)]

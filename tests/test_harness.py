@@ -20,16 +20,15 @@ from click.testing import CliRunner
 
 from robustclip import harness as H
 from robustclip.bounds import lipschitz_report
-from robustclip.models import Normalize as InputNormalize
 from robustclip.data import synthetic
 from robustclip.errors import RobustclipError
 from robustclip.report import prepare_out_dir, results_table, write_results
+from helpers import SHAPE, Offset, tiny_classifier
 
 with warnings.catch_warnings():  # foolbox imports a deprecated scipy module
     warnings.simplefilter("ignore", DeprecationWarning)
     import foolbox
 
-SHAPE = (1, 10, 10)
 FAST = {  # few steps: tests check the harness, not attack strength
     "fgsm": {}, "pgd": {"steps": 10}, "pgdl2": {"steps": 10}, "cw": {"steps": 30, "c": 1.0},
     "apgd": {"steps": 10}, "square": {"queries": 30},
@@ -38,29 +37,9 @@ EPS = {"Linf": [0.0, 0.03, 0.06, 0.1, 0.2], "L2": [0.0, 0.3, 0.6, 1.0, 2.0]}
 
 
 
-def Normalize() -> nn.Module:
-    return InputNormalize((0.2,), (0.3,))
-
-
-def _train(seed: int, dataset: str = "mnist") -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(Normalize(), nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(600, 10))
-    x, y = (t[:600] for t in synthetic(700, SHAPE, 10, seed=0).tensors)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(6):
-        for xb, yb in zip(x.split(100), y.split(100)):
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    model.robustclip_meta = {"model": {"name": "fixture", "args": {}},
-                             "method": {"name": "none", "args": {}}, "dataset": dataset}
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def models():
-    return {"a": _train(0), "b": _train(1)}
+    return {"a": tiny_classifier(0), "b": tiny_classifier(1)}
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +136,6 @@ def test_pgd_agrees_with_foolbox(models, data):
         assert 0.1 < ours < 0.9  # an informative operating point
 
 
-class _Shift(nn.Module):
-    """Adds a constant to every logit: margins, softmax and predictions are unchanged."""
-
-    def __init__(self, model: nn.Module, shift: float) -> None:
-        super().__init__()
-        self.model, self.shift = model, shift
-
-    def forward(self, x):
-        return self.model(x) + self.shift
-
-
 def test_cw_eps_is_a_filter(models, data):
     x, y = data
     model = models["a"]
@@ -176,7 +144,7 @@ def test_cw_eps_is_a_filter(models, data):
                     batch_size=100)
     # reference: torchattacks' CW itself (deterministic), on logits made positive by a
     # constant shift (its label/runner-up logits are only right for positive logits)
-    positive = _Shift(model, 100.0).eval()
+    positive = Offset(model, 100.0).eval()
     with torch.no_grad():
         assert positive(x).min() > 0
     raw = torchattacks.CW(positive, c=1.0, kappa=0.1, steps=30, lr=0.01)(x, y)
@@ -194,7 +162,7 @@ def test_pairs_a_rounding_apart_keep_empirical_below_bound(models, data):
     constant offset of 1000, which leaves the Lipschitz constant alone) gave ratios far
     above the bound.  PGD-L2 at eps 1e-6 makes such pairs for every sample."""
     x, y = data
-    model = _Shift(models["a"], 1000.0).eval()
+    model = Offset(models["a"], 1000.0).eval()
     spec = _spec("pgdl2", 1e-6)
     ev = H.evaluate({"a": model}, x, y, [spec], batch_size=50)
     assert 0 < ev.results[0].lipschitz_empirical <= ev.results[0].lipschitz_bound
@@ -205,7 +173,7 @@ def test_cw_works_with_negative_logits(models, data):
     log-probabilities of a softmax ensemble); the harness result is shift-invariant."""
     x, y = data
     specs = [_spec("cw", 0.6)]
-    shifted = _Shift(models["a"], -100.0).eval()
+    shifted = Offset(models["a"], -100.0).eval()
     ours = H.evaluate({"a": models["a"]}, x, y, specs, bounds=False).results[0].robust
     neg = H.evaluate({"neg": shifted}, x, y, specs, bounds=False).results[0].robust
     assert torch.equal(ours, neg) and int(ours.sum()) < int(_acc(models["a"], x, y).sum())
@@ -321,7 +289,7 @@ def test_ensemble_outputs_and_datasets(models, data):
         mean_prob = (F.softmax(a(x), 1) + F.softmax(b(x), 1)) / 2
         assert torch.allclose(soft.exp(), mean_prob, atol=1e-6)
         assert torch.allclose(H.Ensemble([a, b], "logits")(x), (a(x) + b(x)) / 2, atol=1e-6)
-    other = _train(2, dataset="fashion-mnist")
+    other = tiny_classifier(2, dataset="fashion-mnist")
     with pytest.raises(RobustclipError, match="different datasets"):
         H.Ensemble([a, other])
     ens = H.Ensemble([a, b], "logits")
