@@ -22,6 +22,15 @@ def random_bn(channels: int) -> nn.BatchNorm2d:
     return bn
 
 
+def inflate(layer: nn.Module, factor: float) -> nn.Module:
+    """Multiply every ``*weight`` parameter of ``layer`` by ``factor``, in place."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("weight"):
+                p.mul_(factor)
+    return layer
+
+
 def tiny_classifier(seed: int, dataset: str = "mnist", epochs: int = 6) -> nn.Module:
     """normalize -> conv 1->6 -> BN -> ReLU -> dense, trained with Adam on 600 synthetic
     1x10x10 samples (the first 600 of ``synthetic(700, SHAPE, 10, seed=0)``); eval mode,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from robustclip import SpectralClip, SpectralNorm, dense_singular_values
 from robustclip.errors import RobustclipError
-from helpers import random_bn
+from helpers import inflate, random_bn
 
 
 LAYERS = [
@@ -25,10 +25,7 @@ LAYERS = [
 def test_one_clip_event_reaches_the_clip(name, make, shape, k):
     torch.manual_seed(0)
     layer = make()
-    with torch.no_grad():
-        for n, p in layer.named_parameters():
-            if n.endswith("weight"):
-                p.mul_(4)
+    inflate(layer, 4.0)
     before = dense_singular_values(layer, shape, k=1)[0]
     assert before > 2
     wrapped = SpectralClip(layer, clip=1.0, k=k, clip_steps=1).train()

@@ -21,7 +21,7 @@ from robustclip.config import Config, override
 from robustclip.data import synthetic
 from robustclip.models import build_model
 from robustclip.train import train
-from helpers import random_bn, tiny_classifier
+from helpers import inflate, random_bn, tiny_classifier
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -54,10 +54,7 @@ def test_singular_values_on_cuda_match_the_dense_reference(name, make, shape):
 def test_training_on_cuda_keeps_sigma_within_the_clip(name, make, shape):
     torch.manual_seed(0)
     layer = make()
-    with torch.no_grad():
-        for n, p in layer.named_parameters():
-            if n.endswith("weight"):
-                p.mul_(4)
+    inflate(layer, 4.0)
     wrapper = SpectralClip(layer, 1.0, clip_steps=10, init_delay=0).to(GPU)
     opt = torch.optim.SGD(wrapper.parameters(), lr=1e-2, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
