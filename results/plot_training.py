@@ -2,9 +2,11 @@
 
     .venv/bin/python results/plot_training.py RUNS_DIR OUT_DIR
 
-Reads every RUNS_DIR/*/metrics.csv (written by robustclip train) and writes
-OUT_DIR/sigma_over_training.png, OUT_DIR/test_acc.png and OUT_DIR/final_epoch.csv (the
-last row of each run), plus command.txt.  Nothing is edited by hand.
+Reads every RUNS_DIR/<method>-s<seed>/metrics.csv (written by robustclip train) and
+writes to OUT_DIR: sigma_over_training.png (seed 1 of each method), test_acc.png (per
+method: mean over seeds, band from the lowest to the highest seed), final_epoch.csv (the
+last row of each run), by_method.csv (final test accuracy over seeds), command.txt.
+Nothing is edited by hand.
 """
 import sys
 from pathlib import Path
@@ -16,27 +18,45 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def method_of(run: str) -> str:
+    return run.rsplit("-s", 1)[0]
+
+
 def main(runs: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {p.parent.name: pd.read_csv(p) for p in sorted(runs.glob("*/metrics.csv"))}
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, df in metrics.items():
+        if not name.endswith("-s1"):
+            continue
         for col in [c for c in df.columns if c.startswith("sigma/") and c.count("/") == 1]:
-            ax.plot(df.epoch + 1, df[col], marker="o", label=f"{name} {col[6:]}")
+            ax.plot(df.epoch + 1, df[col], marker="o", ms=3, label=f"{method_of(name)} {col[6:]}")
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax.set(xlabel="epoch", ylabel="tracked sigma_1 (end of epoch)", title="Per-layer spectral norm during training")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set(xlabel="epoch", ylabel="tracked sigma_1 (end of epoch)",
+           title="Per-layer spectral norm during training (seed 1)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "sigma_over_training.png", dpi=120)
+    long = pd.concat([df.assign(run=n, method=method_of(n)) for n, df in metrics.items()])
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, df in metrics.items():
-        ax.plot(df.epoch + 1, df.test_acc, marker="o", label=name)
+    for method, part in long.groupby("method", sort=False):
+        acc = part.groupby("epoch").test_acc
+        seeds = part.run.nunique()
+        line, = ax.plot(acc.mean().index + 1, acc.mean(), marker="o", ms=3,
+                        label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})")
+        ax.fill_between(acc.mean().index + 1, acc.min(), acc.max(), color=line.get_color(), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test accuracy", title="MNIST simpleconv, tutorial hyper-parameters")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "test_acc.png", dpi=120)
     last = pd.DataFrame([{"run": n, **df.iloc[-1].to_dict()} for n, df in metrics.items()])
     last.to_csv(out / "final_epoch.csv", index=False, float_format="%.6g")
+    last["method"] = last.run.map(method_of)
+    by_method = last.groupby("method", sort=False).agg(
+        seeds=("run", "count"), epochs=("epoch", lambda e: int(e.max()) + 1),
+        test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"),
+        test_acc_min=("test_acc", "min"), test_acc_max=("test_acc", "max"))
+    by_method.reset_index().to_csv(out / "by_method.csv", index=False, float_format="%.6g")
     (out / "command.txt").write_text(" ".join([".venv/bin/python", *sys.argv]) + "\n")
 
 
