@@ -4,7 +4,7 @@ Both run PGD (Linf, step eps/10, random start) on the same model (the tutorial's
 ``simpleconv``) and the same synthetic MNIST-shaped samples, in the same process, in
 interleaved rounds; the median per side is reported.  The bare loop is what a user would
 write: ``torchattacks.PGD`` per batch, then the accuracy on x_adv.  The harness adds the
-clean pass (twice: determinism check), per-batch seeding, sanity checks, empirical
+clean pass (with a determinism spot check), per-batch seeding, sanity checks, empirical
 Lipschitz ratios and per-sample bookkeeping; the Lipschitz bound (a once-per-model cost)
 is timed separately.  Goal: overhead <= 5%.
 
