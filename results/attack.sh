@@ -32,8 +32,9 @@ seeds() {  # the composite's robustness, the headline claim, on its other seeds
   run results/seeds-composite $rc attack $R/fastclip-composite-s2 $R/fastclip-composite-s3 \
       --attack pgd --eps 0.1 --eps 0.2 --eps 0.3 --limit 1000 --seed 0
 }
-plots() {
+plots() {  # the runs were trained on the machine that draws the plots (results/train.sh)
   .venv/bin/python results/plot_training.py $R results/training
+  machine > results/training/machine.txt
 }
 for part in "${@:-main transfer ensembles seeds plots}"; do
   for p in $part; do "$p"; done

@@ -5,7 +5,8 @@
 Reads every RUNS_DIR/<method>-s<seed>/metrics.csv (written by robustclip train) and
 writes to OUT_DIR: sigma_over_training.png (seed 1 of each method), test_acc.png (per
 method: mean over seeds, band from the lowest to the highest seed), final_epoch.csv (the
-last row of each run), by_method.csv (final test accuracy over seeds), command.txt.
+last row of each run, and its training minutes), by_method.csv (final test accuracy
+over seeds, minutes per run), command.txt.
 Nothing is edited by hand.
 """
 import sys
@@ -49,13 +50,15 @@ def main(runs: Path, out: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "test_acc.png", dpi=120)
-    last = pd.DataFrame([{"run": n, **df.iloc[-1].to_dict()} for n, df in metrics.items()])
+    last = pd.DataFrame([{"run": n, **df.iloc[-1].to_dict(), "train_minutes": df.wall_time.sum() / 60}
+                         for n, df in metrics.items()])
     last.to_csv(out / "final_epoch.csv", index=False, float_format="%.6g")
     last["method"] = last.run.map(method_of)
     by_method = last.groupby("method", sort=False).agg(
         seeds=("run", "count"), epochs=("epoch", lambda e: int(e.max()) + 1),
         test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"),
-        test_acc_min=("test_acc", "min"), test_acc_max=("test_acc", "max"))
+        test_acc_min=("test_acc", "min"), test_acc_max=("test_acc", "max"),
+        minutes_per_run=("train_minutes", "mean"))
     by_method.reset_index().to_csv(out / "by_method.csv", index=False, float_format="%.6g")
     (out / "command.txt").write_text(" ".join([".venv/bin/python", *sys.argv]) + "\n")
 
