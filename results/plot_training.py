@@ -26,6 +26,7 @@ def method_of(run: str) -> str:
 def main(runs: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {p.parent.name: pd.read_csv(p) for p in sorted(runs.glob("*/metrics.csv"))}
+    metrics = {name: df for name, df in metrics.items() if len(df)}  # not yet through epoch 0
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, df in metrics.items():
         if not name.endswith("-s1"):
