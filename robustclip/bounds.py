@@ -40,8 +40,8 @@ from robustclip.spectral import (
     _BATCHNORMS,
     _CONVS,
     _unwrap,
-    dense_operator,
     eval_mode,
+    gram_matrix,
     spectral_estimate,
 )
 
@@ -198,18 +198,9 @@ class _Walker:
             if inner.weight is not None:
                 scale = scale * inner.weight.detach().double()
             return float(scale.abs().max())
-        d_in = math.prod(shape)
-        if d_in > self.exact_max_dim:
+        if math.prod(shape) > self.exact_max_dim:
             return math.nan
-        with torch.no_grad(), eval_mode(module):
-            like = next(iter([*module.parameters(), *module.buffers()]), torch.zeros(()))
-            probe = torch.zeros((1, *shape), dtype=like.dtype if like.is_floating_point()
-                                else torch.float32, device=like.device)
-            d_out = module(probe).numel()
-        if d_in * d_out > self.exact_max_entries:
-            return math.nan
-        matrix = dense_operator(module, shape)  # (d_out, d_in), float64
-        gram = matrix.T @ matrix if d_in <= d_out else matrix @ matrix.T
+        gram = gram_matrix(module, shape, max_entries=self.exact_max_entries)
         return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
 
     def _composite_bn(self, node: fx.Node) -> fx.Node | None:
@@ -393,10 +384,10 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float
     input_shape: one input without batch dim, e.g. (1, 28, 28), in the model's input
     units (pixels in [0, 1]: the normalisation layer is part of the model).
     tol / iters: PowerQR convergence target / fixed iteration count per layer.
-    exact_max_dim / exact_max_entries: exact sigma (``sigma_exact``: dense operator, then
-    the top eigenvalue of its float64 Gram matrix) only when the input dimension and
-    input x output dimensions are at most these (32 MB by default; else NaN).  Linear and
-    lone BatchNorm are always exact, from their weights.
+    exact_max_dim: exact sigma (``sigma_exact``: the top eigenvalue of the float64 Gram
+    matrix A^T A, see ``spectral.gram_matrix``) only when the input dimension is at most
+    this (else NaN); exact_max_entries: output values per chunk of that computation
+    (memory).  Linear and lone BatchNorm are always exact, from their weights.
     Rows (pandas.DataFrame): name, type, input_shape, sigma (PowerQR), rel_change,
     iterations, sigma_exact.  The model is evaluated in eval mode, its modes restored.
     """

@@ -24,7 +24,8 @@ Only input gradients are taken (``torch.autograd.grad`` with respect to x); no w
 updates its running statistics) and their modes are restored afterwards.
 
 Exact references: :func:`dense_operator` (impulse responses, then SVD) for small shapes,
-and :func:`circular_conv_singular_values` (Sedghi et al. 2019) for circular padding.
+:func:`gram_matrix` (A^T A, chunked) for small inputs with large outputs, and
+:func:`circular_conv_singular_values` (Sedghi et al. 2019) for circular padding.
 """
 from __future__ import annotations
 
@@ -334,6 +335,35 @@ def dense_operator(module: nn.Module, input_shape: Sequence[int],
         zero = torch.zeros((1, *input_shape), dtype=dtype, device=device)
         cols = twin(eye) - twin(zero)
     return cols.reshape(d, -1).T
+
+
+def gram_matrix(module: nn.Module, input_shape: Sequence[int], *,
+                max_entries: int = 2**22) -> Tensor:
+    """A^T A, shape (d, d) with d = prod(input_shape), in float64.
+
+    Computed on a float64 copy of the module in eval mode, a chunk of basis inputs at a
+    time (A^T A e_i is the input gradient of 0.5 ||A(e_i)||^2), with at most
+    ``max_entries`` output values per chunk: memory grows with d^2, not with d x the
+    output size as for :func:`dense_operator`.  Its largest eigenvalue is sigma_1^2.
+    """
+    d = math.prod(input_shape)
+    twin = copy.deepcopy(module).to(torch.float64)
+    device = next(iter([*twin.parameters(), *twin.buffers()]), torch.zeros(())).device
+    with torch.no_grad(), eval_mode(twin):
+        zero = torch.zeros((1, *input_shape), dtype=torch.float64, device=device)
+        offset = twin(zero)
+    chunk = max(1, min(d, max_entries // max(offset.numel(), 1)))
+    columns = []
+    with eval_mode(twin), torch.enable_grad():
+        for start in range(0, d, chunk):
+            n = min(chunk, d - start)
+            basis = torch.zeros((n, d), dtype=torch.float64, device=device)
+            basis[:, start:start + n] = torch.eye(n, dtype=torch.float64, device=device)
+            x = basis.reshape((n, *input_shape)).requires_grad_(True)
+            y = twin(x) - offset
+            (g,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
+            columns.append(g.detach().reshape(n, d))
+    return torch.cat(columns)  # symmetric: rows are the columns
 
 
 def dense_singular_values(module: nn.Module, input_shape: Sequence[int],

@@ -247,3 +247,14 @@ def test_models_of_the_zoo_are_bounded():
         x = torch.rand(16, *shape, generator=torch.Generator().manual_seed(0))
         assert empirical_lipschitz(model, x, x.roll(1, 0)) <= bound, name
         assert layers["type"].str.contains("SpectralClip").any(), name
+
+
+def test_composite_of_the_tutorial_gets_its_exact_sigma():
+    """simpleconv-composite: 784 inputs, 50176 outputs: too big for a dense matrix under the
+    default limit, small enough for the chunked Gram matrix."""
+    models = pytest.importorskip("robustclip.models")
+    torch.manual_seed(0)
+    model = models.build_model("simpleconv-composite", "mnist", "fastclip-composite").eval()
+    _, layers = lipschitz_report(model, (1, 28, 28), tol=1e-6)
+    row = layers.set_index("name").loc["conv1"]
+    assert row["sigma_exact"] == pytest.approx(row["sigma"], rel=1e-5)

@@ -11,6 +11,8 @@ from robustclip import (
     spectral_estimate,
 )
 from robustclip.errors import RobustclipError
+from robustclip import spectral
+from robustclip.spectral import dense_operator, gram_matrix
 
 
 def _bn(channels: int, dims: int = 2) -> nn.Module:
@@ -88,6 +90,21 @@ def test_fft_formula_agrees_with_dense_operator():
     assert torch.allclose(fft, dense[: fft.numel()], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_entries", [10**9, 500])  # one chunk; one basis input at a time
+def test_gram_matrix_agrees_with_dense_operator(chunk_entries):
+    torch.manual_seed(2)
+    composite = nn.Sequential(nn.Conv2d(2, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5))
+    with torch.no_grad():
+        composite[1].running_var.uniform_(0.1, 0.5)
+    shape = (2, 7, 7)
+    dense = dense_operator(composite, shape)
+    gram = gram_matrix(composite, shape, max_entries=chunk_entries)
+    assert gram.dtype == torch.float64
+    assert torch.allclose(gram, dense.T @ dense, rtol=1e-10, atol=1e-12)
+    top = torch.linalg.eigvalsh(gram)[-1].sqrt()
+    assert float(top) == pytest.approx(float(dense_singular_values(composite, shape, k=1)[0]), rel=1e-10)
+
+
 def test_qr_sign_convention_does_not_matter(monkeypatch):
     """Flip the signs of QR's factors (still a valid QR): the estimate must not change.
 
@@ -118,11 +135,15 @@ def test_state_grad_and_mode_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_convergence_is_reported():
+def test_convergence_is_reported(monkeypatch):
+    torch.manual_seed(0)
     conv = nn.Conv2d(2, 4, 3, padding=1)
     est = spectral_estimate(conv, (2, 8, 8), k=1, iters=2)
     assert est.iterations == 2 and float(est.rel_change) > 0
-    with pytest.warns(UserWarning, match="relative change"):
+    # the iteration budget runs out (3 iterations instead of 5000) before tol is reached
+    power_qr = spectral.power_qr
+    monkeypatch.setattr(spectral, "power_qr", lambda A, x, iters, tol=None: power_qr(A, x, 3))
+    with pytest.warns(UserWarning, match="stopped after 3 iterations with relative change"):
         singular_values(conv, (2, 16, 16), k=1, tol=1e-12)
 
 
