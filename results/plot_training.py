@@ -3,7 +3,8 @@
     .venv/bin/python results/plot_training.py RUNS_DIR OUT_DIR
 
 Reads every RUNS_DIR/<method>-s<seed>/metrics.csv (written by robustclip train) and
-writes to OUT_DIR: sigma_over_training.png (seed 1 of each method), test_acc.png (per
+writes to OUT_DIR: sigma_over_training.png (seed 1 of each method, per logged step, from
+the run's TensorBoard scalars), test_acc.png (per
 method: mean over seeds, band from the lowest to the highest seed), final_epoch.csv (the
 last row of each run, and its training minutes), by_method.csv (final test accuracy
 over seeds, minutes per run), command.txt.
@@ -16,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -23,20 +25,34 @@ def method_of(run: str) -> str:
     return run.rsplit("-s", 1)[0]
 
 
+def step_sigmas(run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """layer -> (steps, tracked sigma_1) from the run's TensorBoard scalars ``sigma/<layer>``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag[6:]: (np.array([e.step for e in events.Scalars(tag)]),
+                      np.array([e.value for e in events.Scalars(tag)]))
+            for tag in events.Tags()["scalars"] if tag.startswith("sigma/") and tag.count("/") == 1}
+
+
 def main(runs: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {p.parent.name: pd.read_csv(p) for p in sorted(runs.glob("*/metrics.csv"))}
     metrics = {name: df for name, df in metrics.items() if len(df)}  # not yet through epoch 0
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, df in metrics.items():
-        if not name.endswith("-s1"):
-            continue
-        for col in [c for c in df.columns if c.startswith("sigma/") and c.count("/") == 1]:
-            ax.plot(df.epoch + 1, df[col], marker="o", ms=3, label=f"{method_of(name)} {col[6:]}")
-    ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax.set(xlabel="epoch", ylabel="tracked sigma_1 (end of epoch)",
-           title="Per-layer spectral norm during training (seed 1)")
-    ax.legend(fontsize=7, ncol=2)
+    traces = {name: step_sigmas(runs / name) for name in metrics if name.endswith("-s1")}
+    fig, (full, tail) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, per_layer in traces.items():
+        for layer, (steps, values) in per_layer.items():
+            line, = full.plot(steps, values, lw=0.8, label=f"{method_of(name)} {layer}")
+            last = steps >= steps.max() - 500
+            tail.plot(steps[last], values[last], lw=0.8, color=line.get_color())
+    for ax in (full, tail):
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    full.set(xlabel="training step", ylabel="tracked sigma_1", yscale="log",
+             title="Per-layer spectral norm during training (seed 1)")
+    tail.set(xlabel="training step", title="the last 500 steps (clip events every 50)")
+    full.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "sigma_over_training.png", dpi=120)
     long = pd.concat([df.assign(run=n, method=method_of(n)) for n, df in metrics.items()])
