@@ -20,7 +20,7 @@ main() {
 }
 transfer() {
   run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/none-s3 $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 \
-      --attack pgd --eps 0.1 --eps 0.3 --limit 1000 --seed 0
+      --attack pgd --eps 0.1 --eps 0.3 --limit 1000 --seed 0 --no-surrogates
 }
 ensembles() {
   run results/ensemble-none $rc attack $R/none-s1 $R/none-s2 $R/none-s3 --ensemble \

@@ -176,6 +176,9 @@ def attack_cmd(backend: str | None, **options) -> None:
 @main.command(name="transfer")
 @_RUNS
 @_with(_EVAL_OPTIONS)
+@click.option("--surrogates/--no-surrogates", default=True, show_default=True,
+              help="Also attack each RUN from the ensemble of all the others (N ensembles "
+                   "of N-1 models: about N-1 times the cost of the matrix).")
 def transfer_cmd(**options) -> None:
     """Transfer matrix among RUNs (diagonal: white-box) and surrogate-ensemble rows."""
     from robustclip.report import transfer_command

@@ -826,19 +826,21 @@ SURROGATE_PREFIX = "all-but-"
 
 def transfer(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
              specs: Sequence[AttackSpec], *, batch_size: int = 256, seed: int = 0,
-             ensemble_output: str = "softmax", progress: bool = False) -> Transfer:
+             ensemble_output: str = "softmax", surrogates: bool = True,
+             progress: bool = False) -> Transfer:
     """N x N transfer matrix per spec, plus surrogate-ensemble -> target rows (N >= 2).
 
     Source i crafts with the same seeds as :func:`evaluate`, so the diagonal equals the
     white-box robust accuracy.  The surrogate of target j is the :class:`Ensemble`
-    (``ensemble_output``) of all other models.  Models of different datasets raise.
+    (``ensemble_output``) of all other models; ``surrogates=False`` skips those rows
+    (they cost about N - 1 times the matrix).  Models of different datasets raise.
     """
     names = list(models)
     check_one_dataset(list(models.values()))
     batches = _batches(images, labels, batch_size)
     warnings: list[SanityWarning] = []
     sources: dict[str, tuple[nn.Module, list[str]]] = {n: (models[n], names) for n in names}
-    if len(names) >= 2:
+    if surrogates and len(names) >= 2:
         for t in names:
             others = [models[n] for n in names if n != t]
             sources[SURROGATE_PREFIX + t] = (Ensemble(others, ensemble_output), [t])

@@ -282,7 +282,7 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
 def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
                      suite: str | None, limit: int | None, batch_size: int, seed: int,
                      device: str | None, ensemble_output: str, out: str | None,
-                     overwrite: bool, data_dir: str | None) -> pd.DataFrame:
+                     overwrite: bool, data_dir: str | None, surrogates: bool = True) -> pd.DataFrame:
     """``robustclip transfer``: N x N transfer matrices and surrogate-ensemble rows."""
     from robustclip.harness import check_one_dataset, load_runs, test_set, transfer
 
@@ -292,7 +292,7 @@ def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequenc
     dataset = check_one_dataset(list(models.values()))
     result = transfer(models, *test_set(dataset, limit, data_dir), specs,
                       batch_size=batch_size, seed=seed, ensemble_output=ensemble_output,
-                      progress=True)
+                      surrogates=surrogates, progress=True)
     table = result.table
     for (attack, e), part in table.groupby(["attack", "eps"], sort=False):
         _echo(f"\n{attack} eps={e:g}: accuracy of target (columns) on examples crafted on "

@@ -225,6 +225,10 @@ def test_transfer_diagonal_equals_white_box(models, data):
         assert row.accuracy == pytest.approx(tr.matrix(row.attack, row.eps).loc[source, row.target],
                                              abs=0.02)
     assert not any(m.training for model in models.values() for m in model.modules())
+    plain = H.transfer(models, x, y, specs, batch_size=30, surrogates=False)
+    assert set(plain.table.kind) == {"white-box", "transfer"}
+    assert plain.table.equals(tr.table[tr.table.kind != "surrogate"].reset_index(drop=True)
+                              .assign(seconds=plain.table.seconds))
 
 
 def test_transfer_does_not_depend_on_model_order(models, data):
