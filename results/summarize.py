@@ -20,7 +20,11 @@ TUTORIAL = {"fastclip": "95.8% after 60 epochs (92.3% after epoch 0)",
 
 
 def pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
+    return "-" if pd.isna(v) else f"{100 * v:.1f}%"
+
+
+def num(v: float) -> str:
+    return "-" if pd.isna(v) else f"{v:.2f}"
 
 
 def headline(rows: pd.DataFrame) -> pd.DataFrame:
@@ -30,8 +34,8 @@ def headline(rows: pd.DataFrame) -> pd.DataFrame:
         line = {"model": model, "clean": pct(part.clean_acc.iloc[0])}
         for _, r in part[part.attack != "mnist-results"].iterrows():
             line[f"{r.attack} {r.norm} {r.eps:g}"] = pct(r.robust_acc)
-        line["Lipschitz bound"] = f"{part.lipschitz_bound.iloc[0]:.3g}"
-        line["empirical"] = f"{part.lipschitz_empirical.iloc[0]:.3g}"
+        line["Lipschitz bound"] = num(part.lipschitz_bound.iloc[0])
+        line["empirical"] = num(part.lipschitz_empirical.iloc[0])
         line["certified (best eps)"] = pct(part.certified_acc.max())
         out.append(line)
     return pd.DataFrame(out)
@@ -44,7 +48,7 @@ def robust_by_eps(rows: pd.DataFrame) -> pd.DataFrame:
     table = table.map(pct)
     first = rows.groupby("model", sort=False).first()
     table.insert(0, "clean", first.clean_acc.map(pct))
-    table["Lipschitz bound"] = first.lipschitz_bound.map(lambda v: f"{v:.3g}")
+    table["Lipschitz bound"] = first.lipschitz_bound.map(num)
     table["certified (best eps)"] = rows.groupby("model", sort=False).certified_acc.max().map(pct)
     return table.reset_index()
 
@@ -84,7 +88,8 @@ def render() -> str:
              "Lipschitz bound: product of per-layer spectral norms along the graph, input "
              "normalisation included (an upper bound); empirical: the largest "
              "||f(x)-f(x')|| / ||x-x'|| seen over test and adversarial pairs, measured in "
-             "float64 (a lower bound). Certified: margin > sqrt(2) * bound * radius.", "",
+             "float64 (a lower bound). Certified: margin > sqrt(2) * bound * radius. '-': no "
+             "bound (a softmax ensemble has none).", "",
              "![robust vs eps](mnist-simpleconv/robust_vs_eps_Linf.png)", ""]
     seeds = HERE / "seeds-composite/results.json"
     if seeds.exists():

@@ -32,9 +32,13 @@ def inconsistencies(rows: list[dict]) -> list[str]:
     for i, row in enumerate(rows):
         where = f"row {i} ({row.get('model')}, {row.get('attack')}, {row.get('norm')} eps={row.get('eps')})"
         clean, robust, cert = row["clean_acc"], row["robust_acc"], row["certified_acc"]
-        for name, value in (("clean_acc", clean), ("robust_acc", robust), ("certified_acc", cert)):
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                problems.append(f"{where}: {name} {value!r} is not a fraction in [0, 1]")
+        fractions = (("clean_acc", clean), ("robust_acc", robust)) + \
+            ((("certified_acc", cert),) if cert is not None else ())  # None: no bound, no certificate
+        bad = [name for name, value in fractions
+               if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0)]
+        problems += [f"{where}: {name} {row[name]!r} is not a fraction in [0, 1]" for name in bad]
+        if bad:
+            continue
         if not robust <= clean + 1e-12:
             problems.append(f"{where}: robust {robust} > clean {clean}")
         if cert is not None and not (isinstance(cert, float) and math.isnan(cert)) and not cert <= robust + 1e-12:
@@ -52,8 +56,9 @@ def test_checker_catches_each_kind_of_inconsistency():
     good = {"model": "m", "attack": "pgd", "norm": "Linf", "eps": 0.1, "n": 10, "clean_acc": 0.9,
             "robust_acc": 0.5, "certified_acc": 0.2, "lipschitz_bound": 3.0, "lipschitz_empirical": 1.0}
     assert inconsistencies([good]) == []
+    assert inconsistencies([{**good, "certified_acc": None, "lipschitz_bound": None}]) == []
     for change in ({"robust_acc": 0.95}, {"certified_acc": 0.6}, {"lipschitz_bound": 0.5},
-                   {"clean_acc": 1.2}, {"n": 0}):
+                   {"clean_acc": 1.2}, {"n": 0}, {"certified_acc": 1.5}, {"robust_acc": None}):
         assert inconsistencies([{**good, **change}]), change
     wb = {"attack": "pgd", "eps": 0.3, "source": "a", "target": "a", "kind": "white-box",
           "accuracy": 0.1, "clean_acc": 0.9}
