@@ -145,14 +145,23 @@ def _worst(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_robust_vs_eps(table: pd.DataFrame, norm: str, path: str) -> None:
-    """Robust accuracy against eps, one line per (model, attack)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (model, attack), part in table.groupby(["model", "attack"]):
+    """Robust accuracy against eps: a colour per model, a line style per attack; each line
+    starts at eps 0 with the model's clean accuracy."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    models = list(dict.fromkeys(table["model"]))
+    attacks = list(dict.fromkeys(table["attack"]))
+    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    for (model, attack), part in table.groupby(["model", "attack"], sort=False):
         part = part.sort_values("eps")
-        ax.plot(part["eps"], part["robust_acc"], marker="o", label=f"{model} / {attack}")
-    ax.set(xlabel=f"eps ({norm}, pixel units)", ylabel="robust accuracy", ylim=(-0.02, 1.02),
-           title=f"Robust accuracy vs {norm} eps")
-    ax.legend(fontsize="small")
+        eps = [0.0, *part["eps"]] if part["eps"].min() > 0 else list(part["eps"])
+        acc = [part["clean_acc"].iloc[0], *part["robust_acc"]] if part["eps"].min() > 0 \
+            else list(part["robust_acc"])
+        ax.plot(eps, acc, marker="o", ms=3, color=colours(models.index(model) % colours.N),
+                ls=styles[attacks.index(attack) % len(styles)], label=f"{model} / {attack}")
+    ax.set(xlabel=f"eps ({norm}, pixel units; 0: clean)", ylabel="robust accuracy",
+           ylim=(-0.02, 1.02), title=f"Robust accuracy vs {norm} eps")
+    ax.legend(fontsize="x-small", loc="upper right", ncol=1 if len(models) * len(attacks) <= 12 else 2)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
