@@ -13,7 +13,6 @@ is timed separately.  Goal: overhead <= 5%.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import time
@@ -25,19 +24,16 @@ from robustclip import harness
 from robustclip.bounds import lipschitz_report
 from robustclip.data import synthetic
 from robustclip.models import build_model
-from robustclip.train import resolve_device
+
+import common  # bench/common.py, beside this file
 
 log = logging.getLogger("bench.harness_overhead")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def bare_loop(model, x, y, eps: float, steps: int, batch_size: int, device) -> tuple[float, float]:
     """(seconds, robust accuracy) of a plain torchattacks PGD loop."""
-    _sync(device)
+    common.sync(device)
     start = time.perf_counter()
     attack = torchattacks.PGD(model, eps=eps, alpha=eps / 10, steps=steps, random_start=True)
     correct = torch.zeros((), device=device)
@@ -53,7 +49,7 @@ def bare_loop(model, x, y, eps: float, steps: int, batch_size: int, device) -> t
 def harness_run(model, x, y, eps: float, steps: int, batch_size: int, device) -> tuple[float, float]:
     """(seconds, robust accuracy) of the harness on the same work, bounds excluded."""
     spec = harness.make_spec("pgd", eps, steps=steps, rel_stepsize=0.1, random_start=True)
-    _sync(device)
+    common.sync(device)
     start = time.perf_counter()
     ev = harness.evaluate({"simpleconv": model}, x, y, [spec], batch_size=batch_size,
                           bounds=False)
@@ -62,20 +58,13 @@ def harness_run(model, x, y, eps: float, steps: int, batch_size: int, device) ->
 
 def main(argv: list[str] | None = None) -> float:
     """Print the timings; return the median harness / bare time ratio."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eps", type=float, default=0.1)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
+    device = common.setup(args)
     model = build_model("simpleconv", "mnist").to(device).eval()
     x, y = synthetic(args.samples).tensors
     work = (model, x, y, args.eps, args.steps, args.batch_size, device)

@@ -14,7 +14,6 @@ reported, which evens out drifts in machine load.  Clip events are included: wit
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import time
@@ -24,19 +23,16 @@ import torch.nn.functional as F
 
 from robustclip.data import synthetic
 from robustclip.models import METHODS, build_model
-from robustclip.train import resolve_device
+
+import common  # bench/common.py, beside this file
 
 log = logging.getLogger("bench.train_throughput")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _steps(model, optimizer, batches, n: int, device: torch.device) -> float:
     """Run ``n`` training steps over ``batches`` (list of (x, y) on device); return images/s."""
-    _sync(device)
+    common.sync(device)
     start = time.perf_counter()
     images = 0
     for i in range(n):
@@ -46,25 +42,18 @@ def _steps(model, optimizer, batches, n: int, device: torch.device) -> float:
         loss.backward()
         optimizer.step()
         images += len(y)
-    _sync(device)
+    common.sync(device)
     return images / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Print the table; return the median images/s per method."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per method per round")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--clip-steps", type=int, default=50)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
+    device = common.setup(args)
     x, y = synthetic(8 * args.batch_size).tensors
     batches = [(xb.to(device), yb.to(device)) for xb, yb in
                zip(x.split(args.batch_size), y.split(args.batch_size))]
