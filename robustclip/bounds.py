@@ -21,7 +21,6 @@ computed too and the bound uses max(PowerQR, exact).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import operator
@@ -41,6 +40,7 @@ from robustclip.spectral import (
     _CONVS,
     _unwrap,
     eval_mode,
+    float64_twin,
     gram_matrix,
     spectral_estimate,
 )
@@ -415,7 +415,8 @@ def pair_ratios(fx_: Tensor, fx_other: Tensor, x: Tensor, x_other: Tensor) -> Te
 
     The quotient is only as good as the precision of f: in float32, rounding noise of
     about 1e-6 |f| over a distance of 1e-7 (e.g. CW's tanh round trip) gives a ratio far
-    above the true one.  :func:`float64_twin` and :func:`exact_pair_ratios` avoid that.
+    above the true one.  :func:`~robustclip.spectral.float64_twin` and
+    :func:`exact_pair_ratios` avoid that.
     """
     num = (fx_ - fx_other).flatten(1).norm(dim=1)
     den = (x - x_other).flatten(1).norm(dim=1)
@@ -423,20 +424,11 @@ def pair_ratios(fx_: Tensor, fx_other: Tensor, x: Tensor, x_other: Tensor) -> Te
                        torch.zeros_like(num))
 
 
-def float64_twin(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` in eval mode, for :func:`exact_pair_ratios`.
-
-    The copy computes the same function as the model to about 1e-16 relative instead of
-    1e-7, so a pair ratio measures the network rather than its rounding.  The model
-    itself is untouched.
-    """
-    return copy.deepcopy(model).eval().to(torch.float64)
-
-
 def exact_pair_ratios(twin: nn.Module, x: Tensor, x_other: Tensor) -> Tensor:
     """Per pair ||f(x) - f(x')|| / ||x - x'||, shape (n,), evaluated in float64 on
-    ``twin`` (a :func:`float64_twin`): a true lower bound of f's L2 Lipschitz constant
-    even for pairs a float32 ulp apart.  Returned in float64, on the inputs' device."""
+    ``twin`` (a :func:`~robustclip.spectral.float64_twin`): a true lower bound of f's L2
+    Lipschitz constant even for pairs a float32 ulp apart.  Returned in float64, on the
+    inputs' device."""
     xd, od = x.to(torch.float64), x_other.to(torch.float64)
     with torch.no_grad():
         return pair_ratios(twin(xd), twin(od), xd, od)

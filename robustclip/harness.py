@@ -51,13 +51,13 @@ from tqdm import tqdm
 from robustclip.bounds import (
     certified,
     exact_pair_ratios,
-    float64_twin,
     linf_to_l2,
     lipschitz_report,
     screened_ratio,
 )
 from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError
+from robustclip.spectral import float64_twin, module_device
 
 try:
     import tomllib
@@ -585,21 +585,17 @@ def _batches(images: Tensor, labels: Tensor, batch_size: int) -> list[tuple[Tens
     return list(zip(images.split(batch_size), labels.split(batch_size)))
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(iter([*model.parameters(), *model.buffers()]), torch.zeros(())).device
-
-
 def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tensor]],
                warnings: list[SanityWarning], twin: nn.Module | None = None) -> CleanPass:
     """Clean logits, input range and NaN checks, test pairs; determinism spot check (the
     first batch of each rank computed twice).
 
-    twin: the model's :func:`~robustclip.bounds.float64_twin`, on which the ratios over
+    twin: the model's :func:`~robustclip.spectral.float64_twin`, on which the ratios over
     neighbouring test pairs are measured; None skips them (ratio 0).
 
     Under a process group each rank runs its batches and every rank gets the merged pass.
     """
-    device, ctx = _device(model), current()
+    device, ctx = module_device(model), current()
     logits: dict[int, Tensor] = {}
     spread = torch.zeros((), device=device)
     ratio = torch.zeros((), device=device, dtype=torch.float64)
@@ -686,7 +682,7 @@ def _bound_of(name: str, model: nn.Module, shape: Sequence[int],
 def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
                     specs: Sequence[AttackSpec], seed: int, bounds: bool | Mapping[str, float],
                     progress: bool, evaluation: Evaluation) -> None:
-    device, ctx = _device(model), current()
+    device, ctx = module_device(model), current()
     meta = getattr(model, "robustclip_meta", {})
     shape = tuple(batches[0][0].shape[1:])
     warnings = evaluation.warnings
@@ -866,7 +862,7 @@ def _transfer_rows(src: str, src_model: nn.Module, targets: list[str],
                    models: Mapping[str, nn.Module], cleans: Mapping[str, CleanPass],
                    group: list[AttackSpec], batches: list[tuple[Tensor, Tensor]], seed: int,
                    warnings: list[SanityWarning], bar: tqdm) -> list[dict]:
-    device = _device(src_model)
+    device = module_device(src_model)
     correct: dict[tuple, list[Tensor]] = {(s, t): [] for s in group for t in targets}
     tallies = {s: Tally(s) for s in group}
     start = time.perf_counter()
@@ -885,7 +881,7 @@ def _transfer_rows(src: str, src_model: nn.Module, targets: list[str],
                 out = src_model(x_adv)
                 tallies[s].add(x, x_adv, out, src_ok, out.argmax(1) == y)
                 for t in targets:
-                    t_device = _device(models[t])
+                    t_device = module_device(models[t])
                     ok = cleans[t].correct[offset:offset + len(x)]
                     adv_ok = models[t](x_adv.to(t_device)).argmax(1) == y.to(t_device)
                     correct[(s, t)].append(ok & adv_ok)
@@ -1000,7 +996,7 @@ def lipschitz_summary(models: Mapping[str, nn.Module], images: Tensor, labels: T
         with evaluating(model):
             twin = float64_twin(model)
             ratio = clean_pass(model, name, batches, [], twin).ratio
-            device = _device(model)
+            device = module_device(model)
             for b, (x, y) in enumerate(batches):
                 x, y = x.to(device), y.to(device)
                 x_adv = adversarial(model, [spec], x, y, seed, b)[spec]

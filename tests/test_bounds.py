@@ -19,12 +19,12 @@ from robustclip.bounds import (
     certified,
     empirical_lipschitz,
     exact_pair_ratios,
-    float64_twin,
     linf_to_l2,
     lipschitz_report,
     screened_ratio,
 )
 from robustclip.errors import RobustclipError
+from robustclip.spectral import float64_twin
 from robustclip.models import Normalize as InputNormalize
 from helpers import Offset
 
