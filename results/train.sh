@@ -2,7 +2,7 @@
 # The training runs behind results/: MNIST simpleconv at the tutorial's hyper-parameters,
 # 15 epochs each (the tutorial trained 60-80), seed 1 of every method, then seeds 2 and 3
 # of none and fastclip (the transfer matrix), then seeds 2 and 3 of the others; miyato-s3
-# (the slowest run, 18 minutes) did not fit the session and is left out.
+# (the slowest, about 20 minutes a run) did not fit the session and is left out.
 # Run from the repository root:  bash results/train.sh [RUN ...]   (RUN: method-sSEED;
 # default: all, in that order).  Two runs at a time, one thread each (2-core machine).
 set -euo pipefail
