@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from robustclip.train import resolve_device
+from robustclip.files import resolve_device
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

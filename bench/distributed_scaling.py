@@ -4,7 +4,7 @@ time with 1 and 2 processes (gloo on CPU), as ratios.
 Every configuration runs in fresh processes started as torchrun starts them (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), through the code paths that
 ``torchrun -m robustclip train / attack`` use: DDP with the per-step spectral sync
-(``robustclip.train._run_epoch``), and ``robustclip.harness.evaluate`` sharded by batch.
+(``robustclip.train._run_epoch``), and ``robustclip.evaluation.evaluate`` sharded by batch.
 Process start-up and the first steps (wrapper initialisation) are not timed; each timing
 is the median of ``--rounds`` rounds.  Configurations: 1 process x 1 thread (the
 reference), 1 process x ``world`` threads (the same cores, one process), ``world``
@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 from robustclip.data import synthetic
 from robustclip.distributed import Context, data_parallel, epoch_batches, launch, spectral_state
-from robustclip.harness import evaluate, make_spec
+from robustclip.evaluation import evaluate, make_spec
 from robustclip.models import build_model
 from robustclip.train import _run_epoch, _shares
 

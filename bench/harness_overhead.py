@@ -1,4 +1,4 @@
-"""Harness overhead: ``robustclip.harness.evaluate`` against a bare torchattacks PGD loop.
+"""Harness overhead: ``robustclip.evaluation.evaluate`` against a bare torchattacks PGD loop.
 
 Both run PGD (Linf, step eps/10, random start) on the same model (the tutorial's
 ``simpleconv``) and the same synthetic MNIST-shaped samples, in the same process, in
@@ -20,7 +20,7 @@ import time
 import torch
 import torchattacks
 
-from robustclip import harness
+from robustclip import evaluation as harness
 from robustclip.bounds import lipschitz_report
 from robustclip.data import synthetic
 from robustclip.models import build_model

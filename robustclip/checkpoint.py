@@ -16,17 +16,16 @@ A checkpoint is a dict::
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from robustclip.errors import RobustclipError
+from robustclip.files import atomic_write, resolve_device
 
 FORMAT = "robustclip-checkpoint"
 FORMAT_VERSION = 1
@@ -36,26 +35,12 @@ TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "rng")
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """Write ``checkpoint`` to ``path`` atomically: temp file in the same dir, fsync, rename."""
+    """Write ``checkpoint`` to ``path`` atomically (:func:`robustclip.files.atomic_write`)."""
     from robustclip import __version__
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION,
-                        "version": __version__, **checkpoint}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__,
+               **checkpoint}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def checkpoint_file(path_or_run_dir: str | Path) -> Path:
@@ -123,3 +108,29 @@ def load(path_or_run_dir: str | Path, device: str | torch.device | None = None) 
     model = model_from_checkpoint(ckpt)
     model.robustclip_meta = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
     return model.to(device or "cpu").eval()
+
+
+def load_runs(runs: Sequence[str], device: str | None = None) -> dict[str, nn.Module]:
+    """label -> model (eval mode) for each run dir or checkpoint, via ``robustclip.load``.
+
+    Labels are the run names (file stems), or the paths where names collide.  A missing
+    or unreadable checkpoint raises RobustclipError naming it.
+    """
+    dev = None if device is None else resolve_device(device)
+    names = [Path(r).stem if Path(r).is_file() else Path(r).name for r in runs]
+    labels = names if len(set(names)) == len(names) else [str(r) for r in runs]
+    if len(set(labels)) != len(labels):
+        raise RobustclipError("the same run is given twice")
+    models = {}
+    for label, run in zip(labels, runs):
+        if not Path(run).exists():
+            raise RobustclipError(f"run {run} does not exist")
+        try:
+            models[label] = load(run, device=dev).eval()
+        except RobustclipError:
+            raise
+        except Exception as err:  # a checkpoint's unpickling can fail in many ways
+            raise RobustclipError(f"cannot load {run}: {' '.join(str(err).split())}") from None
+        if not getattr(models[label], "robustclip_meta", {}).get("dataset"):
+            raise RobustclipError(f"checkpoint {run} does not record its dataset")
+    return models

@@ -164,8 +164,8 @@ def attack_cmd(backend: str | None, **options) -> None:
     rank); rank 0 prints and writes the table, the same as one process would.
     """
     from robustclip.distributed import launch
-    from robustclip.report import attack_command
-    from robustclip.train import resolve_device
+    from robustclip.commands import attack_command
+    from robustclip.files import resolve_device
 
     with launch(resolve_device(options["device"] or "cpu"), backend) as ctx:
         if options["device"]:
@@ -181,7 +181,7 @@ def attack_cmd(backend: str | None, **options) -> None:
                    "of N-1 models: about N-1 times the cost of the matrix).")
 def transfer_cmd(**options) -> None:
     """Transfer matrix among RUNs (diagonal: white-box) and surrogate-ensemble rows."""
-    from robustclip.report import transfer_command
+    from robustclip.commands import transfer_command
 
     transfer_command(**options)
 
@@ -196,7 +196,7 @@ def transfer_cmd(**options) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 def lipschitz_cmd(**options) -> None:
     """Per-layer sigmas and network Lipschitz bound of each RUN, against the empirical ratio."""
-    from robustclip.report import lipschitz_command
+    from robustclip.commands import lipschitz_command
 
     lipschitz_command(**options)
 

@@ -241,6 +241,16 @@ class SpectralClip(nn.Module):
         return (self.clip is not None and self.clip_events and self._count > self.init_delay
                 and (self._count - self.init_delay) % self.clip_steps == 0)
 
+    def changed_outside_gradient(self) -> list[Tensor]:
+        """The parameters the last training step changed outside the optimiser's gradient
+        update: the weights of a clip event, else the weight a per-step rescale multiplied.
+        Data-parallel training broadcasts these from rank 0 (robustclip.distributed)."""
+        if self.clip_due():
+            return [self.module.get_parameter(name) for name in _weight_names(self.module)]
+        if self.clip is not None and self.rescale_every_step:
+            return [self._rescaled_param()]
+        return []
+
     @torch.no_grad()
     def _track(self) -> None:
         """Warm-started PowerQR iterations on the operator as it is now.

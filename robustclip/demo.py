@@ -17,7 +17,7 @@ import pandas as pd
 
 from robustclip.config import from_dict
 from robustclip.data import fetch
-from robustclip.report import attack_command
+from robustclip.commands import attack_command
 from robustclip.train import train
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ Sharding does not depend on the rank layout.  Training: each epoch's global batc
 cut from a permutation seeded by (seed, epoch) (:func:`epoch_batches`); rank r takes
 the r-th contiguous share of each (:func:`part`), and the loss is weighted so that the
 all-reduced gradient is the mean over the global batch.  Attack evaluation
-(robustclip.harness): whole batches, batch i on rank i mod world size
+(robustclip.evaluation): whole batches, batch i on rank i mod world size
 (:func:`my_batches`), so per-batch seeds are those of a single process, and the
 per-batch results are all-gathered (:func:`all_gather`); it shards under any process
 group, the one :func:`launch` opened or the caller's (:func:`current`).
@@ -61,9 +61,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from robustclip.clip import _weight_names
 from robustclip.errors import RobustclipError
-from robustclip.models import wrappers
 
 log = logging.getLogger(__name__)
 
@@ -322,11 +320,9 @@ def spectral_state(model: nn.Module) -> list[Tensor]:
     """What a training step changed outside the gradient all-reduce: every buffer, the
     weight each per-step rescale multiplied, and the weights of the layers that clipped."""
     tensors = list(model.buffers())
-    for w in wrappers(model):
-        if w.clip_due():
-            tensors += [w.module.get_parameter(name) for name in _weight_names(w.module)]
-        elif w.clip is not None and w.rescale_every_step:
-            tensors.append(w._rescaled_param())
+    for m in model.modules():
+        if getattr(m, "is_spectral_wrapper", False):
+            tensors += m.changed_outside_gradient()
     return tensors
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -19,7 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import pandas as pd  # noqa: E402
 
 from robustclip.errors import RobustclipError  # noqa: E402
-from robustclip.harness import CW_EPS_NOTE as CW_NOTE, AttackResult, SanityWarning  # noqa: E402
+from robustclip.evaluation.checks import SanityWarning  # noqa: E402
+from robustclip.evaluation.evaluate import AttackResult  # noqa: E402
+from robustclip.files import atomic_write, write_text  # noqa: E402
 
 COLUMNS = ["model", "method", "attack", "norm", "eps", "n", "clean_acc", "robust_acc",
            "certified_acc", "lipschitz_bound", "lipschitz_empirical", "seconds", "seed",
@@ -74,23 +74,6 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def _atomic(path: Path, write: Callable[[str], Any]) -> Path:
-    """Call ``write`` with a temporary path beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -116,13 +99,13 @@ def write_table(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning
     csv = table.assign(params=[json.dumps(_jsonable(p), sort_keys=True) for p in table["params"]],
                        warnings=[" | ".join(r["warnings"]) for r in rows])
     written = [
-        _atomic(out / "results.csv", lambda tmp: csv.to_csv(tmp, index=False)),
-        _text(out / "results.json", json.dumps(_jsonable(rows), indent=1, allow_nan=False) + "\n"),
+        atomic_write(out / "results.csv", lambda tmp: csv.to_csv(tmp, index=False)),
+        write_text(out / "results.json", json.dumps(_jsonable(rows), indent=1, allow_nan=False) + "\n"),
     ]
     md = [f"# {title}", "", markdown(table.assign(params=csv["params"])), ""]
     md += ["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []
     md += ["## Warnings", "", *([f"- {w}" for w in warnings] or ["none"]), ""]
-    written.append(_text(out / "results.md", "\n".join(md)))
+    written.append(write_text(out / "results.md", "\n".join(md)))
     return written
 
 
@@ -131,10 +114,10 @@ def write_results(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarni
     """Table files plus the plots robust_vs_eps_<norm>.png and robust_vs_lipschitz.png."""
     written = write_table(out, table, warnings, "Robustness results", notes)
     for norm, part in table.groupby("norm"):
-        written.append(_atomic(out / f"robust_vs_eps_{norm}.png",
+        written.append(atomic_write(out / f"robust_vs_eps_{norm}.png",
                                lambda tmp, p=part, n=norm: plot_robust_vs_eps(p, n, tmp)))
     if table["lipschitz_bound"].notna().any():
-        written.append(_atomic(out / "robust_vs_lipschitz.png",
+        written.append(atomic_write(out / "robust_vs_lipschitz.png",
                                lambda tmp: plot_robust_vs_lipschitz(table, tmp)))
     return written
 
@@ -192,7 +175,7 @@ def write_transfer(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarn
     for (attack, eps), part in table[table.kind != "surrogate"].groupby(["attack", "eps"]):
         matrix = part.pivot(index="source", columns="target", values="accuracy")
         name = f"transfer_{attack}_{eps:g}.png".replace("/", "-").replace(" ", "")
-        written.append(_atomic(out / name, lambda tmp, m=matrix, a=attack, e=eps:
+        written.append(atomic_write(out / name, lambda tmp, m=matrix, a=attack, e=eps:
                                plot_matrix(m, f"{a} eps={e:g}", tmp)))
     return written
 
@@ -212,129 +195,3 @@ def plot_matrix(matrix: pd.DataFrame, title: str, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
-
-
-# ============================================================== the commands
-
-
-def _echo(text: str = "") -> None:
-    """Print on stdout; under torchrun on rank 0 only."""
-    import click
-
-    from robustclip.distributed import current
-
-    if current().main:
-        click.echo(text)
-
-
-def _specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None) -> tuple[list, str | None]:
-    from robustclip.harness import load_suite, specs_for
-
-    if suite:
-        loaded = load_suite(suite, list(eps) or None, list(attacks) or None)
-        return list(loaded.specs), loaded.name
-    if not eps:
-        raise RobustclipError("give --eps (one or more) or a --suite")
-    return specs_for(list(attacks) or ["pgd"], list(eps)), None
-
-
-def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:
-    if warnings:
-        _echo(f"\nwarnings ({len(warnings)}):")
-        for w in warnings:
-            _echo(f"  - {w}")
-
-
-def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
-                   suite: str | None, limit: int | None, batch_size: int, seed: int,
-                   device: str | None, ensemble: bool, ensemble_output: str,
-                   out: str | None, overwrite: bool, data_dir: str | None) -> pd.DataFrame:
-    """``robustclip attack``: white-box attacks on each run (and their ensemble), per dataset."""
-    from robustclip.distributed import current, on_main
-    from robustclip.harness import (Ensemble, Evaluation, check_one_dataset, evaluate,
-                                    load_runs, test_set)
-
-    specs, suite_name = _specs(eps, attacks, suite)
-    out_dir = on_main(current(), lambda: prepare_out_dir(out, overwrite)) if out else None
-    out_dir = out_dir if current().main else None  # under torchrun rank 0 alone writes
-    models = load_runs(runs, device)
-    if ensemble:
-        check_one_dataset(list(models.values()))
-        models[f"ensemble({','.join(models)};{ensemble_output})"] = Ensemble(
-            list(models.values()), ensemble_output)
-    by_dataset: dict[str, dict] = {}
-    for label, model in models.items():
-        by_dataset.setdefault(model.robustclip_meta["dataset"], {})[label] = model
-    total = Evaluation([])
-    data = {ds: test_set(ds, limit, data_dir) for ds in by_dataset}  # bad --limit fails early
-    for ds, group in by_dataset.items():
-        part = evaluate(group, *data[ds], specs, suite=suite_name, batch_size=batch_size,
-                        seed=seed, progress=True)
-        total.results += part.results
-        total.warnings += part.warnings
-    table = results_table(total.results)
-    _echo(format_table(table))
-    _echo_warnings(total.warnings)
-    notes = ["accuracies are fractions; robust = correct on x and on x_adv; a suite row is "
-             "the per-sample worst case over its attacks"]
-    if any(s.name == "cw" for s in specs):
-        notes.append(f"CW eps: {CW_NOTE}")
-    if ensemble:
-        notes.append(f"ensemble output: {ensemble_output} ('softmax': log of the mean member "
-                     "softmax, used for the loss; 'logits': mean of member logits)")
-    if out_dir:
-        for path in write_results(out_dir, table, total.warnings, notes):
-            _echo(f"wrote {path}")
-    return table
-
-
-def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
-                     suite: str | None, limit: int | None, batch_size: int, seed: int,
-                     device: str | None, ensemble_output: str, out: str | None,
-                     overwrite: bool, data_dir: str | None, surrogates: bool = True) -> pd.DataFrame:
-    """``robustclip transfer``: N x N transfer matrices and surrogate-ensemble rows."""
-    from robustclip.harness import check_one_dataset, load_runs, test_set, transfer
-
-    specs, _ = _specs(eps, attacks, suite)
-    out_dir = prepare_out_dir(out, overwrite) if out else None
-    models = load_runs(runs, device)
-    dataset = check_one_dataset(list(models.values()))
-    result = transfer(models, *test_set(dataset, limit, data_dir), specs,
-                      batch_size=batch_size, seed=seed, ensemble_output=ensemble_output,
-                      surrogates=surrogates, progress=True)
-    table = result.table
-    for (attack, e), part in table.groupby(["attack", "eps"], sort=False):
-        _echo(f"\n{attack} eps={e:g}: accuracy of target (columns) on examples crafted on "
-              "source (rows); diagonal = white-box")
-        _echo(result.matrix(attack, e).to_string(float_format=lambda v: f"{v:.4f}"))
-        surrogate = part[part.kind == "surrogate"]
-        if len(surrogate):
-            _echo(f"crafted on the {ensemble_output} ensemble of all other models:")
-            _echo(surrogate[["target", "accuracy", "clean_acc"]].to_string(
-                index=False, float_format=lambda v: f"{v:.4f}"))
-    _echo_warnings(result.warnings)
-    if out_dir:
-        for path in write_transfer(out_dir, table, result.warnings):
-            _echo(f"wrote {path}")
-    return table
-
-
-def lipschitz_command(runs: Sequence[str], limit: int | None, batch_size: int, seed: int,
-                      device: str | None, tol: float, data_dir: str | None) -> pd.DataFrame:
-    """``robustclip lipschitz``: per-layer sigmas, the network bound, the empirical ratio."""
-    from robustclip.harness import lipschitz_summary, load_runs, test_set
-
-    models = load_runs(runs, device)
-    rows = []
-    for label, model in models.items():
-        images, labels = test_set(model.robustclip_meta["dataset"], limit or 256, data_dir)
-        summary, layers = lipschitz_summary({label: model}, images, labels,
-                                            batch_size=batch_size, seed=seed, tol=tol)
-        _echo(f"\n{label}:")
-        _echo(format_table(layers[label]))
-        rows.append(summary)
-    summary = pd.concat(rows, ignore_index=True)
-    _echo("\nbound: product/sum of layer sigmas (an upper bound); empirical: largest "
-          "||f(x)-f(x')|| / ||x-x'|| over test pairs and PGD-L2 pairs (a lower bound)")
-    _echo(format_table(summary))
-    return summary

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -45,24 +43,12 @@ from robustclip.data import dataset_info, load, synthetic
 from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
                                     launch, on_main, part, sync_after_step)
 from robustclip.errors import RobustclipError
+from robustclip.files import atomic_write, resolve_device, write_text
 from robustclip.models import build_model, wrappers
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.toml", "metrics.csv", "last.pt", "best.pt")
-
-
-def resolve_device(name: str | None = None) -> torch.device:
-    """``auto``/None: CUDA when available, else CPU; otherwise the named device, checked."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RobustclipError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RobustclipError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def _datasets(config: Config, data_dir: str | Path | None) -> tuple[TensorDataset, TensorDataset]:
@@ -160,12 +146,13 @@ def _sigmas(model: nn.Module) -> dict[str, float]:
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.csv`` atomically (the rows are few; a resume truncates it exactly)."""
     fields = list(dict.fromkeys(key for row in rows for key in row)) or ["epoch"]
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
 
 
 def _rng_state(device: torch.device, *generators: torch.Generator) -> dict[str, Any]:
@@ -255,7 +242,7 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
         _set_rng_state(ckpt["rng"], dev, crop)
         history, global_step = ckpt["metrics"], ckpt["global_step"]
         log.info("resuming %s after epoch %d (step %d)", out, ckpt["epoch"], global_step)
-    on_main(ctx, lambda: ((out / "config.toml").write_text(to_toml(config)),
+    on_main(ctx, lambda: (write_text(out / "config.toml", to_toml(config)),
                           _write_metrics(out / "metrics.csv", history)))
     net = data_parallel(model, ctx)
     pin = dev.type == "cuda"

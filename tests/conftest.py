@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from robustclip.data import synthetic
+from helpers import SHAPE, tiny_classifier
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -31,3 +34,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "mnist_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.mnist)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Two tiny trained classifiers of 1x10x10 synthetic images (tests/helpers.py)."""
+    return {"a": tiny_classifier(0), "b": tiny_classifier(1)}
+
+
+@pytest.fixture(scope="module")
+def data():
+    """100 held-out synthetic samples (same class prototypes as training, fresh noise)."""
+    return tuple(t[600:] for t in synthetic(700, SHAPE, 10, seed=0).tensors)

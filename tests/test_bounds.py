@@ -25,6 +25,7 @@ from robustclip.bounds import (
 )
 from robustclip.errors import RobustclipError
 from robustclip.spectral import float64_twin
+from robustclip import models
 from robustclip.models import Normalize as InputNormalize
 from helpers import Offset
 
@@ -238,7 +239,6 @@ def test_cannot_bound(model, op):
 
 
 def test_models_of_the_zoo_are_bounded():
-    models = pytest.importorskip("robustclip.models")
     for name, dataset, shape, kwargs in [("mnist-cnn", "mnist", (1, 28, 28), {"width": 2}),
                                           ("resnet18", "cifar10", (3, 32, 32), {"width": 2}),
                                           ("dla", "cifar10", (3, 32, 32), {"width": 1})]:
@@ -252,7 +252,6 @@ def test_models_of_the_zoo_are_bounded():
 def test_composite_of_the_tutorial_gets_its_exact_sigma():
     """simpleconv-composite: 784 inputs, 50176 outputs: too big for a dense matrix under the
     default limit, small enough for the chunked Gram matrix."""
-    models = pytest.importorskip("robustclip.models")
     torch.manual_seed(0)
     model = models.build_model("simpleconv-composite", "mnist", "fastclip-composite").eval()
     _, layers = lipschitz_report(model, (1, 28, 28), tol=1e-6)

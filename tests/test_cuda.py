@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import robustclip
-import robustclip.harness as H
+import robustclip.evaluation as H
 from robustclip import SpectralClip, dense_singular_values, singular_values
 from robustclip.bounds import lipschitz_report
 from robustclip.config import Config, override

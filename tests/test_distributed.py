@@ -216,14 +216,14 @@ restarts = 2
 
 def _attack(args: list[str], dump: Path, tag: str) -> None:
     """``robustclip attack ARGS`` through the CLI; save its per-sample results and stdout."""
-    import robustclip.harness as harness
+    import robustclip.commands as commands
 
-    real, got = harness.evaluate, []
-    harness.evaluate = lambda *a, **k: got.append(real(*a, **k)) or got[-1]
+    real, got = commands.evaluate, []
+    commands.evaluate = lambda *a, **k: got.append(real(*a, **k)) or got[-1]
     try:
         result = CliRunner().invoke(main, args)
     finally:
-        harness.evaluate = real
+        commands.evaluate = real
     assert result.exit_code == 0, result.output
     torch.save([(r.attack, r.eps, r.clean, r.robust) for r in got[0].results], dump / f"{tag}.pt")
     (dump / f"{tag}.txt").write_text(result.output)

@@ -17,7 +17,8 @@ import robustclip
 import robustclip.train as train_mod
 from robustclip.checkpoint import read_checkpoint
 from robustclip.cli import main
-from robustclip.config import Config, differences, from_dict, load_config, override, to_toml, tomllib
+from robustclip.config import Config, differences, from_dict, load_config, override, to_toml
+from robustclip.files import tomllib
 from robustclip.data import synthetic
 from robustclip.errors import RobustclipError
 from robustclip.models import METHODS

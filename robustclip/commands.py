@@ -1,0 +1,130 @@
+"""What the commands do: ``robustclip attack``, ``transfer`` and ``lipschitz`` as Python
+functions over the API (load runs, build specs, evaluate, print, write).  ``cli.py`` is
+a click shell over these; ``report.py`` only renders and writes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import click
+import pandas as pd
+
+from robustclip.checkpoint import load_runs
+from robustclip.data import test_set
+from robustclip.distributed import current, on_main
+from robustclip.errors import RobustclipError
+from robustclip.evaluation import (Ensemble, Evaluation, SanityWarning, check_one_dataset,
+                                   evaluate, lipschitz_summary, load_suite, specs_for,
+                                   transfer)
+from robustclip.evaluation.attacks import CW_EPS_NOTE
+from robustclip.report import (format_table, prepare_out_dir, results_table, write_results,
+                               write_transfer)
+
+
+def _echo(text: str = "") -> None:
+    """Print on stdout; under torchrun on rank 0 only."""
+    if current().main:
+        click.echo(text)
+
+
+def _specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None) -> tuple[list, str | None]:
+    if suite:
+        loaded = load_suite(suite, list(eps) or None, list(attacks) or None)
+        return list(loaded.specs), loaded.name
+    if not eps:
+        raise RobustclipError("give --eps (one or more) or a --suite")
+    return specs_for(list(attacks) or ["pgd"], list(eps)), None
+
+
+def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:
+    if warnings:
+        _echo(f"\nwarnings ({len(warnings)}):")
+        for w in warnings:
+            _echo(f"  - {w}")
+
+
+def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
+                   suite: str | None, limit: int | None, batch_size: int, seed: int,
+                   device: str | None, ensemble: bool, ensemble_output: str,
+                   out: str | None, overwrite: bool, data_dir: str | None) -> pd.DataFrame:
+    """``robustclip attack``: white-box attacks on each run (and their ensemble), per dataset."""
+    specs, suite_name = _specs(eps, attacks, suite)
+    out_dir = on_main(current(), lambda: prepare_out_dir(out, overwrite)) if out else None
+    out_dir = out_dir if current().main else None  # under torchrun rank 0 alone writes
+    models = load_runs(runs, device)
+    if ensemble:
+        check_one_dataset(list(models.values()))
+        models[f"ensemble({','.join(models)};{ensemble_output})"] = Ensemble(
+            list(models.values()), ensemble_output)
+    by_dataset: dict[str, dict] = {}
+    for label, model in models.items():
+        by_dataset.setdefault(model.robustclip_meta["dataset"], {})[label] = model
+    total = Evaluation([])
+    data = {ds: test_set(ds, limit, data_dir) for ds in by_dataset}  # bad --limit fails early
+    for ds, group in by_dataset.items():
+        part = evaluate(group, *data[ds], specs, suite=suite_name, batch_size=batch_size,
+                        seed=seed, progress=True)
+        total.results += part.results
+        total.warnings += part.warnings
+    table = results_table(total.results)
+    _echo(format_table(table))
+    _echo_warnings(total.warnings)
+    notes = ["accuracies are fractions; robust = correct on x and on x_adv; a suite row is "
+             "the per-sample worst case over its attacks"]
+    if any(s.name == "cw" for s in specs):
+        notes.append(f"CW eps: {CW_EPS_NOTE}")
+    if ensemble:
+        notes.append(f"ensemble output: {ensemble_output} ('softmax': log of the mean member "
+                     "softmax, used for the loss; 'logits': mean of member logits)")
+    if out_dir:
+        for path in write_results(out_dir, table, total.warnings, notes):
+            _echo(f"wrote {path}")
+    return table
+
+
+def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
+                     suite: str | None, limit: int | None, batch_size: int, seed: int,
+                     device: str | None, ensemble_output: str, out: str | None,
+                     overwrite: bool, data_dir: str | None, surrogates: bool = True) -> pd.DataFrame:
+    """``robustclip transfer``: N x N transfer matrices and surrogate-ensemble rows."""
+    specs, _ = _specs(eps, attacks, suite)
+    out_dir = prepare_out_dir(out, overwrite) if out else None
+    models = load_runs(runs, device)
+    dataset = check_one_dataset(list(models.values()))
+    result = transfer(models, *test_set(dataset, limit, data_dir), specs,
+                      batch_size=batch_size, seed=seed, ensemble_output=ensemble_output,
+                      surrogates=surrogates, progress=True)
+    table = result.table
+    for (attack, e), part in table.groupby(["attack", "eps"], sort=False):
+        _echo(f"\n{attack} eps={e:g}: accuracy of target (columns) on examples crafted on "
+              "source (rows); diagonal = white-box")
+        _echo(result.matrix(attack, e).to_string(float_format=lambda v: f"{v:.4f}"))
+        surrogate = part[part.kind == "surrogate"]
+        if len(surrogate):
+            _echo(f"crafted on the {ensemble_output} ensemble of all other models:")
+            _echo(surrogate[["target", "accuracy", "clean_acc"]].to_string(
+                index=False, float_format=lambda v: f"{v:.4f}"))
+    _echo_warnings(result.warnings)
+    if out_dir:
+        for path in write_transfer(out_dir, table, result.warnings):
+            _echo(f"wrote {path}")
+    return table
+
+
+def lipschitz_command(runs: Sequence[str], limit: int | None, batch_size: int, seed: int,
+                      device: str | None, tol: float, data_dir: str | None) -> pd.DataFrame:
+    """``robustclip lipschitz``: per-layer sigmas, the network bound, the empirical ratio."""
+    models = load_runs(runs, device)
+    rows = []
+    for label, model in models.items():
+        images, labels = test_set(model.robustclip_meta["dataset"], limit or 256, data_dir)
+        summary, layers = lipschitz_summary({label: model}, images, labels,
+                                            batch_size=batch_size, seed=seed, tol=tol)
+        _echo(f"\n{label}:")
+        _echo(format_table(layers[label]))
+        rows.append(summary)
+    summary = pd.concat(rows, ignore_index=True)
+    _echo("\nbound: product/sum of layer sigmas (an upper bound); empirical: largest "
+          "||f(x)-f(x')|| / ||x-x'|| over test pairs and PGD-L2 pairs (a lower bound)")
+    _echo(format_table(summary))
+    return summary

@@ -1,0 +1,146 @@
+"""Sanity checks: small functions that warn in plain words (after AutoAttack's checks.py).
+
+Every check returns :class:`SanityWarning` objects; nothing here raises.  Per batch, a
+:class:`Tally` counts on the device (no host sync) and reads its counters once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from robustclip.evaluation.attacks import ATTACKS, AttackSpec
+from robustclip.evaluation.craft import distance
+
+
+@dataclass(frozen=True)
+class SanityWarning:
+    """A failed sanity check, in plain words, with where it happened (None: everywhere)."""
+
+    message: str
+    model: str | None = None
+    attack: str | None = None
+    eps: float | None = None
+
+    def __str__(self) -> str:
+        where = " ".join(p for p in (self.model, self.attack, None if self.eps is None
+                                     else f"eps={self.eps:g}") if p)
+        return f"[{where}] {self.message}" if where else self.message
+
+
+class Tally:
+    """Per-sample check counters of one (model, spec), kept on the device (no host sync
+    per batch); :meth:`warnings` reads them once."""
+
+    def __init__(self, spec: AttackSpec) -> None:
+        self.spec = spec
+        self.counts: dict[str, Tensor | int] = {}
+        self.worst: Tensor | float = 0.0
+
+    def add(self, x: Tensor, x_adv: Tensor, logits_adv: Tensor, clean: Tensor,
+            adv_correct: Tensor) -> None:
+        """One batch: x, x_adv (n, C, H, W), logits of x_adv, clean and adv correctness (n,)."""
+        dist = distance(x_adv, x, self.spec.norm)
+        checks = {
+            "range": ((x_adv < 0) | (x_adv > 1)).flatten(1).any(1),
+            "eps": dist > self.spec.eps + 1e-6,
+            "nan": x_adv.isnan().flatten(1).any(1) | logits_adv.isnan().any(1),
+            "revived": ~clean & adv_correct,
+        }
+        for key, flags in checks.items():
+            self.counts[key] = self.counts.get(key, 0) + flags.sum()
+        self.worst = torch.maximum(torch.as_tensor(self.worst, device=dist.device), dist.max())
+
+    def warnings(self, model: str, certified_broken: int = 0) -> list[SanityWarning]:
+        """The failed checks in plain words (reads the counters: one host sync)."""
+        spec = self.spec
+        c = {k: int(v) for k, v in self.counts.items()}
+        out = []
+        if c.get("range"):
+            out.append(f"{c['range']} adversarial examples leave the pixel range [0, 1]")
+        if c.get("eps"):
+            out.append(f"{c['eps']} adversarial examples are farther than eps from their input "
+                       f"(largest {spec.norm} distance {float(self.worst):.6g} > {spec.eps:g} + 1e-6)")
+        if c.get("nan"):
+            out.append(f"{c['nan']} samples have NaN in the adversarial example or its logits")
+        if c.get("revived"):
+            out.append(f"the attack made {c['revived']} misclassified samples correct; "
+                       "they still count as not robust (robust <= clean)")
+        if certified_broken:
+            out.append(f"{certified_broken} samples are certified yet the attack broke them: "
+                       "the Lipschitz bound, the certificate or the attack is wrong")
+        return [SanityWarning(m, model, spec.label, spec.eps) for m in out]
+
+
+def mode_warning(model: nn.Module, name: str, where: str) -> SanityWarning | None:
+    """Put the model back in eval mode, and say so, if something switched it to training."""
+    training = [n or "<root>" for n, m in model.named_modules() if m.training]
+    if not training:
+        return None
+    model.eval()
+    return SanityWarning(f"model was in training mode {where} ({', '.join(training[:3])}"
+                         f"{', ...' if len(training) > 3 else ''}); put back in eval mode", name)
+
+
+def clean_warnings(model: str, out_of_range: int, nan: int, spread: float,
+                   scale: float) -> list[SanityWarning]:
+    """Checks of a clean pass: ``out_of_range`` inputs outside [0, 1], ``nan`` samples with
+    NaN logits, and ``spread``, the largest difference between two passes of one batch
+    (``scale``: the largest |logit|, so the tolerance is relative)."""
+    out = []
+    if out_of_range:
+        out.append(f"{out_of_range} inputs lie outside [0, 1]: attacks assume pixels with the "
+                   "normalisation inside the model")
+    if nan:
+        out.append(f"{nan} samples have NaN logits on clean inputs")
+    if spread > 1e-5 * max(scale, 1.0):
+        out.append(f"model outputs are not deterministic: two clean passes of one batch differ "
+                   f"by up to {spread:.3g}")
+    return [SanityWarning(m, model) for m in out]
+
+
+def weaker_than_fgsm(results: Sequence[Any]) -> list[SanityWarning]:
+    """Where an iterative attack leaves more samples robust than FGSM at the same eps.
+
+    results: AttackResult rows (model, name, norm, eps, attack, robust per sample)."""
+    out: list[SanityWarning] = []
+    fgsm: dict[tuple, Any] = {}
+    for r in results:
+        if r.name == "fgsm":
+            fgsm.setdefault((r.model, r.eps), r)
+    for r in results:
+        ref = fgsm.get((r.model, r.eps))
+        if ref is None or r.norm != "Linf" or r.name not in ATTACKS or not ATTACKS[r.name].iterative:
+            continue
+        acc, ref_acc = float(r.robust.double().mean()), float(ref.robust.double().mean())
+        if acc > ref_acc:
+            out.append(SanityWarning(
+                f"iterative attack is weaker than one FGSM step: robust accuracy {acc:.4f} > "
+                f"FGSM's {ref_acc:.4f} (too few steps, too small a step, or masked gradients)",
+                r.model, r.attack, r.eps))
+    return out
+
+
+def weaker_than_transfer(table: pd.DataFrame) -> list[SanityWarning]:
+    """Where examples crafted elsewhere fool a target more than its own white-box attack.
+
+    table: the long transfer table (attack, eps, source, target, kind, accuracy)."""
+    warnings: list[SanityWarning] = []
+    if table.empty:
+        return warnings
+    for (attack, eps, target), rows in table.groupby(["attack", "eps", "target"]):
+        white = rows[rows.kind == "white-box"].accuracy
+        if white.empty:
+            continue
+        for _, r in rows[rows.kind != "white-box"].iterrows():
+            if r.accuracy < white.iloc[0]:
+                warnings.append(SanityWarning(
+                    f"examples crafted on {r.source} leave accuracy {r.accuracy:.4f}, below "
+                    f"the white-box {white.iloc[0]:.4f}: the white-box attack is weaker than a "
+                    "transferred one (masked gradients, or too weak an attack)",
+                    target, attack, eps))
+    return warnings

@@ -1,0 +1,109 @@
+"""Crafting adversarial examples: eval mode, seeding, restarts and eps-free attacks.
+
+Randomness is seeded per batch and restart from ``seed``, the attack's label and eps,
+and the batch index (:func:`batch_seed`): a run is reproducible for a given batch size,
+and each attack call forks torch's RNG so the caller's stream is untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from robustclip.evaluation.attacks import CW_EPS_NOTE, AttackSpec
+from robustclip.spectral import eval_mode
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters (no weight .grad from CW's backward); restored after."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.requires_grad_(False)
+    try:
+        with eval_mode(model):
+            yield model
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def batch_seed(seed: int, *parts: Any) -> int:
+    """A 31-bit seed from ``seed`` and ``parts`` (stable across processes and platforms)."""
+    return zlib.crc32("/".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
+
+
+def run_key(spec: AttackSpec) -> str:
+    """What seeds a spec's runs: its label, and its eps unless eps only filters (CW)."""
+    return f"{spec.label}@{spec.eps!r}" if spec.definition.eps_bound else spec.label
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG for one attack call without disturbing the caller's RNG state."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def craft(model: nn.Module, spec: AttackSpec, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """Adversarial examples (n, C, H, W) for one batch on ``model`` (already in eval mode).
+
+    PGD restarts are robustclip's own loop: restart r (seeded ``batch_seed(seed, r)``)
+    attacks only the samples that every earlier restart failed on, and the first fooling
+    example per sample is kept (the worst case).  CW's output is unfiltered here.
+    At eps = 0 a bounded attack returns x itself (torchattacks' PGDL2 divides 0 by 0 there).
+    """
+    if spec.eps == 0 and spec.definition.eps_bound:
+        return x.clone()
+    restarts = spec.kwargs["restarts"] if spec.definition.own_restarts else 1
+    todo = torch.arange(len(x), device=x.device)
+    x_adv = x
+    for r in range(restarts):
+        s = batch_seed(seed, r)
+        with _seeded(s, x.device):
+            adv = spec.build(model, s)(x[todo], y[todo]).detach()
+        x_adv = adv if r == 0 else x_adv.index_copy(0, todo, adv)
+        if r + 1 < restarts:
+            with torch.no_grad():
+                todo = todo[model(adv).argmax(1) == y[todo]]
+            if todo.numel() == 0:  # one host sync per restart, never per step
+                break
+    return x_adv
+
+
+def distance(x_adv: Tensor, x: Tensor, norm: str) -> Tensor:
+    """Per-sample ||x_adv - x|| in ``norm`` ('Linf' or 'L2'), shape (n,)."""
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+
+
+def adversarial(model: nn.Module, specs: Sequence[AttackSpec], x: Tensor, y: Tensor,
+                seed: int, batch: int) -> dict[AttackSpec, Tensor]:
+    """x_adv per spec for one batch.  ``specs`` is one bounded spec, or every eps of one
+    eps-free attack (CW): run once, then x_adv = the CW example where its L2 perturbation
+    is <= eps, else x."""
+    x_adv = craft(model, specs[0], x, y, batch_seed(seed, run_key(specs[0]), batch))
+    if specs[0].definition.eps_bound:
+        return {specs[0]: x_adv}
+    dist = distance(x_adv, x, "L2").view(-1, *([1] * (x.dim() - 1)))
+    return {s: torch.where(dist <= s.eps, x_adv, x) for s in specs}
+
+
+def runs(specs: Sequence[AttackSpec]) -> list[list[AttackSpec]]:
+    """Group specs into attack runs: one per bounded spec, one per eps-free attack label."""
+    grouped: dict[tuple, list[AttackSpec]] = {}
+    for s in specs:
+        key = (s.label, s.name, s.params) + ((s.eps,) if s.definition.eps_bound else ())
+        grouped.setdefault(key, []).append(s)
+    return list(grouped.values())
+
+
+def row_params(spec: AttackSpec) -> dict[str, Any]:
+    return spec.kwargs | ({} if spec.definition.eps_bound else {"eps": CW_EPS_NOTE})

@@ -1,0 +1,279 @@
+"""White-box evaluation: every model under every attack spec, kept per sample.
+
+Every result is kept per sample:
+
+* clean:     correct on x;
+* robust:    correct on x AND on x_adv (a misclassified sample is never robust);
+* certified: correct with logit margin > sqrt(2) * L * r (``bounds.certified``), r the L2
+  radius of the attack's ball (eps * sqrt(d) for Linf).
+
+A suite is combined per sample: robust only if the sample survives every attack of the
+same norm and eps.
+
+Under a process group (``torchrun ... robustclip attack``), :func:`evaluate` shards by
+whole batches (batch i on rank i mod world size, robustclip.distributed) and all-gathers
+the per-batch results and check counters: every rank ends with the table of a single
+process, same samples, same per-batch seeds.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from tqdm import tqdm
+
+from robustclip.bounds import certified, linf_to_l2, screened_ratio
+from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
+from robustclip.errors import RobustclipError
+from robustclip.evaluation.attacks import AttackSpec
+from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, mode_warning,
+                                          weaker_than_fgsm)
+from robustclip.evaluation.craft import adversarial, evaluating, row_params, runs
+from robustclip.evaluation.ensemble import meta_name, model_bound
+from robustclip.spectral import float64_twin, module_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttackResult:
+    """One (model, attack or suite, norm, eps) row with per-sample booleans (n,) on the CPU.
+
+    name: the attack's key in ATTACKS, or 'suite' for a per-sample worst case; attack: its
+    label.  seconds: wall time of the attack run (an eps-free CW run serves every eps).
+    """
+
+    model: str
+    method: str
+    name: str
+    attack: str
+    norm: str
+    eps: float
+    params: dict
+    seed: int
+    clean: Tensor
+    robust: Tensor
+    certified: Tensor | None
+    seconds: float
+    lipschitz_bound: float
+    lipschitz_empirical: float
+    ensemble_output: str = ""
+
+
+@dataclass
+class Evaluation:
+    """All rows of one evaluation and its sanity warnings."""
+
+    results: list[AttackResult]
+    warnings: list[SanityWarning] = field(default_factory=list)
+
+
+@dataclass
+class CleanPass:
+    """A model's clean pass: logits (n, classes), correctness (n,) on the model's device,
+    and the largest empirical Lipschitz ratio over neighbouring test pairs (scalar)."""
+
+    logits: Tensor
+    correct: Tensor
+    ratio: Tensor
+
+
+def batches_of(images: Tensor, labels: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    if batch_size < 1:
+        raise RobustclipError(f"batch size must be >= 1, got {batch_size}")
+    if len(images) == 0 or len(images) != len(labels):
+        raise RobustclipError(f"need as many labels as images, and at least one; got "
+                              f"{len(images)} images, {len(labels)} labels")
+    return list(zip(images.split(batch_size), labels.split(batch_size)))
+
+
+def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tensor]],
+               warnings: list[SanityWarning], twin: nn.Module | None = None) -> CleanPass:
+    """Clean logits, input range and NaN checks, test pairs; determinism spot check (the
+    first batch of each rank computed twice).
+
+    twin: the model's :func:`~robustclip.spectral.float64_twin`, on which the ratios over
+    neighbouring test pairs are measured; None skips them (ratio 0).
+
+    Under a process group each rank runs its batches and every rank gets the merged pass.
+    """
+    device, ctx = module_device(model), current()
+    logits: dict[int, Tensor] = {}
+    spread = torch.zeros((), device=device)
+    ratio = torch.zeros((), device=device, dtype=torch.float64)
+    bad_range = nan = 0
+    with torch.no_grad():
+        for b in my_batches(len(batches), ctx):
+            x = batches[b][0].to(device)
+            bad_range = bad_range + ((x < 0) | (x > 1)).flatten(1).any(1).sum()
+            out = model(x)
+            if not logits:  # a stochastic model shows on any batch: spot-check the first
+                spread = (out - model(x)).abs().max()
+            nan = nan + out.isnan().any(1).sum()
+            if twin is not None:
+                ratio = torch.maximum(ratio, screened_ratio(twin, x, x.roll(1, 0), out, out.roll(1, 0)))
+            logits[b] = out
+    if ctx.distributed:
+        parts = all_gather(({b: t.cpu() for b, t in logits.items()}, int(bad_range), int(nan),
+                            float(spread), float(ratio)), ctx)
+        logits = {b: t.to(device) for p in parts for b, t in p[0].items()}
+        bad_range, nan = (sum(p[i] for p in parts) for i in (1, 2))
+        spread = torch.tensor(max(p[3] for p in parts), device=device)
+        ratio = torch.tensor(max(p[4] for p in parts), device=device, dtype=torch.float64)
+    logits = torch.cat([logits[b] for b in range(len(batches))])
+    labels = torch.cat([y for _, y in batches]).to(device)
+    warnings += clean_warnings(name, int(bad_range), int(nan), float(spread),
+                               float(logits.abs().max()))
+    return CleanPass(logits, logits.argmax(1) == labels, ratio)
+
+
+def l2_radius(norm: str, eps: float, shape: Sequence[int]) -> float:
+    """L2 radius of an eps-ball of ``norm`` for inputs of ``shape`` (no batch dim)."""
+    return eps if norm == "L2" else linf_to_l2(eps, math.prod(shape))
+
+
+def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
+             specs: Sequence[AttackSpec], *, suite: str | None = None, batch_size: int = 256,
+             seed: int = 0, bounds: bool | Mapping[str, float] = True,
+             progress: bool = False) -> Evaluation:
+    """White-box evaluation of every model under every spec, per sample.
+
+    models: label -> model (on its device; ``robustclip_meta`` gives method, ensemble).
+    images: (n, C, H, W) in [0, 1]; labels: (n,) int64.
+    suite: label of the per-sample worst case over the attacks of each (norm, eps); with
+        None and several attacks at one (norm, eps) the label is 'all-attacks'.
+    bounds: True computes each model's Lipschitz bound (:func:`model_bound`); a mapping
+        gives them (label -> bound); False skips bounds and certificates.
+    """
+    batches, ctx = batches_of(images, labels, batch_size), current()
+    check_world(ctx, len(images), "evaluation samples")
+    if ctx.world_size > len(batches):
+        log.warning("%d ranks for %d batches: ranks %d and up stay idle; use a smaller batch size",
+                    ctx.world_size, len(batches), len(batches))
+    evaluation = Evaluation([])
+    for name, model in models.items():
+        with evaluating(model):
+            _evaluate_model(name, model, batches, specs, seed, bounds, progress, evaluation)
+    if ctx.distributed:  # mode warnings are per rank; the others are the same on every rank
+        evaluation.warnings = [w for part in all_gather(evaluation.warnings, ctx) for w in part]
+    _combine(evaluation, suite)
+    evaluation.warnings += weaker_than_fgsm(evaluation.results)
+    evaluation.warnings = list(dict.fromkeys(evaluation.warnings))
+    return evaluation
+
+
+def _bound_of(name: str, model: nn.Module, shape: Sequence[int],
+              bounds: bool | Mapping[str, float], warnings: list[SanityWarning]) -> float:
+    if isinstance(bounds, Mapping):
+        return float(bounds.get(name, math.nan))
+    if not bounds:
+        return math.nan
+    try:
+        return model_bound(model, shape)
+    except RobustclipError as err:
+        warnings.append(SanityWarning(f"no Lipschitz bound, so no certificate: {err}", name))
+        return math.nan
+
+
+def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
+                    specs: Sequence[AttackSpec], seed: int, bounds: bool | Mapping[str, float],
+                    progress: bool, evaluation: Evaluation) -> None:
+    device, ctx = module_device(model), current()
+    meta = getattr(model, "robustclip_meta", {})
+    shape = tuple(batches[0][0].shape[1:])
+    warnings = evaluation.warnings
+    bound = on_main(ctx, lambda: _bound_of(name, model, shape, bounds, warnings))
+    twin = float64_twin(model)  # pair ratios in float64: float32 rounding is not Lipschitz
+    clean = clean_pass(model, name, batches, warnings, twin)
+    labels = torch.cat([y for _, y in batches]).to(device)
+    starts = [0, *itertools.accumulate(len(y) for _, y in batches)]
+    ratio = clean.ratio
+    rows: list[tuple[AttackSpec, Tensor, Tensor | None, float]] = []
+    groups, mine = runs(specs), my_batches(len(batches), ctx)
+    bar = tqdm(total=len(groups) * len(mine), desc=name, disable=not (progress and ctx.main), leave=False)
+    for group in groups:
+        start = time.perf_counter()
+        tallies = {s: Tally(s) for s in group}
+        correct: dict[AttackSpec, dict[int, Tensor]] = {s: {} for s in group}
+        for b in mine:
+            x, y = (t.to(device) for t in batches[b])
+            ok, out_clean = (t[starts[b]:starts[b + 1]] for t in (clean.correct, clean.logits))
+            advs = adversarial(model, group, x, y, seed, b)
+            mode = mode_warning(model, name, f"after {group[0].label}")
+            if mode:
+                warnings.append(mode)
+            with torch.no_grad():
+                for s, x_adv in advs.items():
+                    out = model(x_adv)
+                    adv_ok = out.argmax(1) == y
+                    tallies[s].add(x, x_adv, out, ok, adv_ok)
+                    ratio = torch.maximum(ratio, screened_ratio(twin, x_adv, x, out, out_clean))
+                    correct[s][b] = adv_ok
+            bar.update()
+        if ctx.distributed:
+            ratio = _share_run(ctx, device, group, correct, tallies, ratio)
+        robust = {s: (clean.correct & torch.cat([c[b] for b in range(len(batches))])).cpu()
+                  for s, c in correct.items()}
+        seconds = time.perf_counter() - start  # .cpu() above waited for the device
+        for s in group:
+            cert = _certified(clean, labels, bound, s, shape)
+            broken = 0 if cert is None else int((cert & ~robust[s]).sum())
+            warnings.extend(tallies[s].warnings(name, broken))
+            rows.append((s, robust[s], cert, seconds))
+    bar.close()
+    empirical = float(ratio)
+    for s, robust_s, cert, seconds in rows:
+        result = AttackResult(name, meta_name(meta, "method"), s.name, s.label, s.norm, s.eps,
+                              row_params(s), seed, clean.correct.cpu(), robust_s, cert,
+                              seconds, bound, empirical, str(meta.get("ensemble_output", "")))
+        evaluation.results.append(result)
+        log.info("%s %s %s eps=%g: clean %.4f robust %.4f", name, s.label, s.norm, s.eps,
+                 float(result.clean.double().mean()), float(result.robust.double().mean()))
+
+
+def _share_run(ctx: Context, device: torch.device, group: list[AttackSpec],
+               correct: dict[AttackSpec, dict[int, Tensor]], tallies: dict[AttackSpec, Tally],
+               ratio: Tensor) -> Tensor:
+    """Merge one attack run over the ranks, in place: per-batch correctness, check counters
+    (summed) and largest distance; returns the largest pair ratio of all ranks."""
+    mine = ([{b: t.cpu() for b, t in correct[s].items()} for s in group],
+            [({k: int(v) for k, v in tallies[s].counts.items()}, float(tallies[s].worst)) for s in group],
+            float(ratio))
+    parts = all_gather(mine, ctx)
+    for i, s in enumerate(group):
+        correct[s] = {b: t.to(device) for p in parts for b, t in p[0][i].items()}
+        keys = dict.fromkeys(k for p in parts for k in p[1][i][0])
+        tallies[s].counts = {k: sum(p[1][i][0].get(k, 0) for p in parts) for k in keys}
+        tallies[s].worst = max(p[1][i][1] for p in parts)
+    return torch.tensor(max(p[2] for p in parts), device=device, dtype=torch.float64)
+
+
+def _certified(clean: CleanPass, labels: Tensor, bound: float, spec: AttackSpec,
+               shape: Sequence[int]) -> Tensor | None:
+    if math.isnan(bound):
+        return None
+    return certified(clean.logits, labels, bound, l2_radius(spec.norm, spec.eps, shape)).cpu()
+
+
+def _combine(evaluation: Evaluation, suite: str | None) -> None:
+    """Add a per-sample worst-case row per (model, norm, eps) holding several attacks."""
+    groups: dict[tuple, list[AttackResult]] = {}
+    for r in evaluation.results:
+        groups.setdefault((r.model, r.norm, r.eps), []).append(r)
+    for (model, norm, eps), members in groups.items():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        evaluation.results.append(AttackResult(
+            model, first.method, "suite", suite or "all-attacks", norm, eps,
+            {"attacks": [m.attack for m in members]}, first.seed, first.clean,
+            torch.stack([m.robust for m in members]).all(0), first.certified,
+            sum(m.seconds for m in members), first.lipschitz_bound, first.lipschitz_empirical,
+            first.ensemble_output))

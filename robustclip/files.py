@@ -1,0 +1,91 @@
+"""Files: the one atomic writer, the one TOML reader, the one device parser.
+
+Every file robustclip writes goes through :func:`atomic_write`: a temporary file beside
+the destination, flushed and fsynced, then renamed into place (and the directory
+fsynced), so a reader sees the old file or the new one, never half of one; the temporary
+file is removed on any error.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from robustclip.errors import RobustclipError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+TEMP_PREFIX = ".rc-tmp."
+"""Temporary files of :func:`atomic_write` start with this (``.rc-tmp.<name>.<random>``)."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` with a temporary path beside ``path``, fsync it, rename it to
+    ``path``; returns ``path``.  ``write`` may open ``tmp`` itself or hand it to a library
+    (``DataFrame.to_csv``, ``Figure.savefig``, ``torch.save``)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` to ``path`` atomically (UTF-8)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The TOML document at ``path``; a missing or invalid file raises RobustclipError
+    naming it as ``what`` (e.g. "config", "suite")."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RobustclipError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise RobustclipError(f"cannot read {what} {path}: {' '.join(str(err).split())}") from None
+
+
+def parse_toml_value(text: str) -> Any:
+    """A TOML value (1e-3, true, "x", [1, 2]); anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``auto``/None: CUDA when available, else CPU; otherwise the named device, checked."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RobustclipError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RobustclipError(f"device {name!r} requested but CUDA is not available")
+    return device
