@@ -46,10 +46,9 @@ from robustclip.spectral import (
     _unwrap,
     eval_mode,
     float64_twin,
-    gram_matrix,
     spectral_estimate,
 )
-from robustclip.upper_bounds import AVG_POOL_FUNCTIONS, operator_upper_bound
+from robustclip.upper_bounds import AVG_POOL_FUNCTIONS, sigma_upper_bound
 
 log = logging.getLogger(__name__)
 
@@ -195,20 +194,11 @@ class _Walker:
         except RobustclipError as err:
             raise RobustclipError(f"cannot bound {name} ({kind}): {err}") from None
         sigma = float(est.values[0])
-        upper = operator_upper_bound(module, shape, nonnegative=nonnegative)
-        if upper is not None and upper.kind == "exact":
-            exact, how = upper.value, upper.how
-        elif math.prod(shape) <= self.exact_max_dim:
-            gram = gram_matrix(module, shape, max_entries=self.exact_max_entries)
-            exact, how = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()), "Gram matrix"
-        else:
-            exact, how = math.nan, upper.how if upper is not None else "PowerQR only"
-        if not math.isnan(exact):
-            bound, bound_kind = exact, "exact"
-        elif upper is not None:
-            bound, bound_kind = upper.value, "upper"
-        else:
-            bound, bound_kind = math.nan, "estimate"
+        upper = sigma_upper_bound(module, shape, nonnegative=nonnegative,
+                                  exact_max_dim=self.exact_max_dim,
+                                  max_entries=self.exact_max_entries)
+        bound, bound_kind, how = ((upper.value, upper.kind, upper.how) if upper is not None
+                                  else (math.nan, "estimate", "PowerQR only"))
         if sigma > bound * (1 + _ESTIMATE_SLACK):
             log.warning("%s (%s): PowerQR estimate %.6g exceeds the %s bound %.6g (%s)",
                         name, kind, sigma, bound_kind, bound, how)
@@ -217,7 +207,8 @@ class _Walker:
                   bound, how)
         self.rows.append({"name": name, "type": kind, "input_shape": shape, "sigma": sigma,
                           "rel_change": float(est.rel_change), "iterations": est.iterations,
-                          "sigma_exact": exact, "sigma_upper": bound, "bound_kind": bound_kind})
+                          "sigma_exact": bound if bound_kind == "exact" else math.nan,
+                          "sigma_upper": bound, "bound_kind": bound_kind})
         return sigma if math.isnan(bound) else bound
 
     def _composite_bn(self, node: fx.Node) -> fx.Node | None:

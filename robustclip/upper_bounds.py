@@ -17,15 +17,20 @@ without iterating:
   ``divisor_override``, adaptive): :func:`nonnegative_upper_bound` (Schur test).
 
 Anything else: None (no bound known; the caller falls back to an estimate).
+:func:`sigma_upper_bound` adds the exact sigma of any operator with a small input (the
+float64 Gram matrix) and is what ``bounds.lipschitz_report`` uses.
 
 Every computation runs in float64.  ``kind`` "exact" means equal to sigma up to float64
 rounding (relative error ~1e-13, far below the float32 rounding of the network's own
 forward pass, which no bound here covers).  ``kind`` "upper" values are multiplied by
-(1 + SAFETY): the float64 DFT of a kernel with K taps and the SVD of the resulting
-matrices are accurate to about K * 1e-16 relative to ||w||_F, and the top singular value
-is at least ||w||_F / sqrt(min(c_out, c_in)) (Parseval), so the rounding is below 1e-9
-relative for any layer with fewer than 10^6 kernel taps per channel pair times channels;
-SAFETY = 1e-6 covers it with a wide margin and is invisible next to the bounds' slack.
+(1 + SAFETY) for rounding.  With u = 1.1e-16: each kernel DFT coefficient, a sum of K
+taps, is off by at most ~K u sum_j |w_j|, so each frequency's matrix by at most
+K^1.5 u ||w||_F (Frobenius), and its SVD adds ~u of its norm; by Parseval some frequency
+has ||W(f)||_F >= ||w||_F, so the largest ||W(f)||_2 is at least ||w||_F / sqrt(min(c_out,
+c_in)).  The relative error is thus below K^1.5 sqrt(min(c_out, c_in)) u: 7e-14 for a 3x3
+kernel with 512 channels, 5e-11 for a 7x7x7 Conv3d with 4096 channels.  The
+Schur test's sums of n nonnegative terms are off by at most n u relative.  SAFETY = 1e-6
+covers all of it and is invisible next to the bounds' own slack.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustclip.models import Normalize
-from robustclip.spectral import _BATCHNORMS, _CONVS, _batchnorm_scale, _unwrap, float64_twin
+from robustclip.spectral import _BATCHNORMS, _CONVS, _unwrap, float64_twin, gram_matrix
 
 SAFETY = 1e-6
 """Relative margin added to every "upper" value for float64 rounding (module docstring)."""
@@ -63,6 +68,24 @@ class UpperBound:
     how: str
 
 
+def sigma_upper_bound(module: nn.Module, input_shape: Sequence[int], *, nonnegative: bool = False,
+                      exact_max_dim: int = 1024, max_entries: int = 2**22) -> UpperBound | None:
+    """The best bound known of sigma of ``module`` on inputs of ``input_shape``.
+
+    In order: an exact formula (:func:`operator_upper_bound` of kind "exact"); the exact
+    sigma from the float64 Gram matrix A^T A (``spectral.gram_matrix``, ``max_entries``
+    output values per chunk) when the input has at most ``exact_max_dim`` values; a
+    guaranteed upper bound; None.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    upper = operator_upper_bound(module, shape, nonnegative=nonnegative)
+    if (upper is None or upper.kind != "exact") and math.prod(shape) <= exact_max_dim:
+        gram = gram_matrix(module, shape, max_entries=max_entries)
+        return UpperBound(float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()), "exact",
+                          "Gram matrix")
+    return upper
+
+
 def operator_upper_bound(module: nn.Module, input_shape: Sequence[int], *,
                          nonnegative: bool = False) -> UpperBound | None:
     """Upper bound of sigma of the implicitly linear ``module`` on inputs of ``input_shape``.
@@ -75,9 +98,7 @@ def operator_upper_bound(module: nn.Module, input_shape: Sequence[int], *,
     inner = _unwrap(module)
     layers = [_unwrap(m) for m in inner] if isinstance(inner, nn.Sequential) else [inner]
     if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
-        with torch.no_grad():
-            scale = _batchnorm_scale(layers[1]).detach().double()
-        return conv_upper_bound(layers[0], shape, scale)
+        return conv_upper_bound(layers[0], shape, _bn_scale(layers[1]))
     if len(layers) != 1:
         return None
     (layer,) = layers
@@ -86,8 +107,8 @@ def operator_upper_bound(module: nn.Module, input_shape: Sequence[int], *,
             top = torch.linalg.svdvals(layer.weight.detach().double())[0]
             return UpperBound(float(top), "exact", "SVD of the weight")
         if _is_eval_bn(layer):
-            scale = _batchnorm_scale(layer).detach().double()
-            return UpperBound(float(scale.abs().max()), "exact", "max |gamma| / sqrt(var + eps)")
+            return UpperBound(float(_bn_scale(layer).abs().max()), "exact",
+                              "max |gamma| / sqrt(var + eps)")
         if isinstance(layer, _CONVS):
             return conv_upper_bound(layer, shape)
         if isinstance(layer, Normalize):
@@ -99,6 +120,13 @@ def operator_upper_bound(module: nn.Module, input_shape: Sequence[int], *,
 
 def _is_eval_bn(module: nn.Module) -> bool:
     return isinstance(module, _BATCHNORMS) and module.running_var is not None
+
+
+def _bn_scale(bn: nn.Module) -> Tensor:
+    """gamma / sqrt(running_var + eps) per channel, (C,), computed in float64."""
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        return scale if bn.weight is None else scale * bn.weight.detach().double()
 
 
 def _normalize_bound(layer: Normalize, shape: tuple[int, ...]) -> UpperBound | None:
