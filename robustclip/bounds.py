@@ -15,9 +15,14 @@ model input (method.md section 4):
 * add/sub: L(a) + L(b) (|alpha| L(b) for torch.add(a, b, alpha)); cat: sqrt(sum L_i^2);
 * anything else: :class:`RobustclipError` "cannot bound <op>".
 
-sigma is PowerQR's Ritz value (a lower estimate that converges from below; ``rel_change``
-says how far from converged).  Where the dense operator is small enough the exact sigma is
-computed too and the bound uses max(PowerQR, exact).
+Every operator's sigma is estimated by PowerQR (a Ritz value: a LOWER estimate that
+converges from below; ``rel_change`` says how far from converged) and bounded from above
+where possible (:mod:`robustclip.upper_bounds`): exact from the weights (linear, lone
+BatchNorm, input normalisation, circular stride-1 conv), exact from the float64 Gram
+matrix where the input has at most ``exact_max_dim`` values, else a guaranteed upper
+bound (FFT for convs and conv+BN, Schur test for average pools).  The network bound
+multiplies these; an operator with neither gets its PowerQR estimate, and the report says
+so (``bound_kind`` "estimate"): such a bound is not a certificate.
 """
 from __future__ import annotations
 
@@ -41,9 +46,9 @@ from robustclip.spectral import (
     _unwrap,
     eval_mode,
     float64_twin,
-    gram_matrix,
     spectral_estimate,
 )
+from robustclip.upper_bounds import AVG_POOL_FUNCTIONS, sigma_upper_bound
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,9 @@ _ONE_LIP_METHODS = {"relu", "tanh"}
 _SIGMOIDS = {torch.sigmoid, F.sigmoid}
 _ADDS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _MAXPOOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+_ESTIMATE_SLACK = 1e-3  # PowerQR above a bound by more than this (TF32 convs on GPU: ~1e-3) is logged
+_COLUMNS = ["name", "type", "input_shape", "sigma", "rel_change", "iterations", "sigma_exact",
+            "sigma_upper", "bound_kind"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -173,35 +181,35 @@ class _Walker:
     def _tensor_deps(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in self._dep_nodes(node) if "tensor_meta" in a.meta]
 
-    def _measure(self, module: nn.Module, shape: tuple[int, ...], name: str, kind: str) -> float:
-        """Spectral norm of an implicitly linear ``module`` on inputs of ``shape``; adds a row."""
+    def _measure(self, module: nn.Module, shape: tuple[int, ...], name: str, kind: str,
+                 nonnegative: bool = False) -> float:
+        """Upper bound of the spectral norm of an implicitly linear ``module`` on inputs of
+        ``shape`` (its PowerQR estimate where none is known); adds a row.
+
+        nonnegative: the operator's matrix has no negative entry (a functional average pool).
+        """
         try:
             est = spectral_estimate(module, shape, k=1, iters=self.iters, tol=self.tol,
                                     seed=self.seed)
         except RobustclipError as err:
             raise RobustclipError(f"cannot bound {name} ({kind}): {err}") from None
         sigma = float(est.values[0])
-        exact = self._exact(module, shape)
-        log.debug("%s (%s) on %s: sigma %.6g after %d iterations (change %.2g), exact %.6g",
-                  name, kind, shape, sigma, est.iterations, float(est.rel_change), exact)
+        upper = sigma_upper_bound(module, shape, nonnegative=nonnegative,
+                                  exact_max_dim=self.exact_max_dim,
+                                  max_entries=self.exact_max_entries)
+        bound, bound_kind, how = ((upper.value, upper.kind, upper.how) if upper is not None
+                                  else (math.nan, "estimate", "PowerQR only"))
+        if sigma > bound * (1 + _ESTIMATE_SLACK):
+            log.warning("%s (%s): PowerQR estimate %.6g exceeds the %s bound %.6g (%s)",
+                        name, kind, sigma, bound_kind, bound, how)
+        log.debug("%s (%s) on %s: sigma %.6g after %d iterations (change %.2g), %s %.6g (%s)",
+                  name, kind, shape, sigma, est.iterations, float(est.rel_change), bound_kind,
+                  bound, how)
         self.rows.append({"name": name, "type": kind, "input_shape": shape, "sigma": sigma,
                           "rel_change": float(est.rel_change), "iterations": est.iterations,
-                          "sigma_exact": exact})
-        return sigma if math.isnan(exact) else max(sigma, exact)
-
-    def _exact(self, module: nn.Module, shape: tuple[int, ...]) -> float:
-        inner = _unwrap(module)
-        if isinstance(inner, nn.Linear):
-            return float(torch.linalg.svdvals(inner.weight.detach().double())[0])
-        if isinstance(inner, _BATCHNORMS) and inner.running_var is not None:
-            scale = torch.rsqrt(inner.running_var.double() + inner.eps)
-            if inner.weight is not None:
-                scale = scale * inner.weight.detach().double()
-            return float(scale.abs().max())
-        if math.prod(shape) > self.exact_max_dim:
-            return math.nan
-        gram = gram_matrix(module, shape, max_entries=self.exact_max_entries)
-        return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+                          "sigma_exact": bound if bound_kind == "exact" else math.nan,
+                          "sigma_upper": bound, "bound_kind": bound_kind})
+        return sigma if math.isnan(bound) else bound
 
     def _composite_bn(self, node: fx.Node) -> fx.Node | None:
         """The BatchNorm node fed only by conv ``node``, if that is the pattern."""
@@ -327,7 +335,8 @@ class _Walker:
             if target == "sigmoid":
                 return 0.25
         op = self._as_op(node, dep)
-        return self._measure(op, _shape(dep), op.label, "function")
+        return self._measure(op, _shape(dep), op.label, "function",
+                             nonnegative=node.op == "call_function" and target in AVG_POOL_FUNCTIONS)
 
     def _functional_pool(self, node: fx.Node) -> float:
         names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
@@ -341,7 +350,8 @@ class _Walker:
     def _pool_row(self, node: fx.Node, factor: float) -> float:
         self.rows.append({"name": _label(node), "type": "max-pool (bound)",
                           "input_shape": _shape(node.args[0]), "sigma": factor,
-                          "rel_change": 0.0, "iterations": 0, "sigma_exact": math.nan})
+                          "rel_change": 0.0, "iterations": 0, "sigma_exact": math.nan,
+                          "sigma_upper": factor, "bound_kind": "upper"})
         return factor
 
 
@@ -379,17 +389,25 @@ def trace(model: nn.Module) -> fx.GraphModule:
 def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float = 1e-6,
                      iters: int | None = None, exact_max_dim: int = 1024,
                      exact_max_entries: int = 2**22, seed: int = 0) -> tuple[float, pd.DataFrame]:
-    """Upper bound of the L2 Lipschitz constant of ``model`` from its input, and per-layer rows.
+    """L2 Lipschitz bound of ``model`` from its input (float), and per-layer rows.
 
     input_shape: one input without batch dim, e.g. (1, 28, 28), in the model's input
     units (pixels in [0, 1]: the normalisation layer is part of the model).
     tol / iters: PowerQR convergence target / fixed iteration count per layer.
-    exact_max_dim: exact sigma (``sigma_exact``: the top eigenvalue of the float64 Gram
-    matrix A^T A, see ``spectral.gram_matrix``) only when the input dimension is at most
-    this (else NaN); exact_max_entries: output values per chunk of that computation
-    (memory).  Linear and lone BatchNorm are always exact, from their weights.
-    Rows (pandas.DataFrame): name, type, input_shape, sigma (PowerQR), rel_change,
-    iterations, sigma_exact.  The model is evaluated in eval mode, its modes restored.
+    exact_max_dim: the exact sigma of an operator without an exact formula (the top
+    eigenvalue of the float64 Gram matrix A^T A, see ``spectral.gram_matrix``) is
+    computed only when its input has at most this many values; exact_max_entries: output
+    values per chunk of that computation (memory).
+
+    Rows (pandas.DataFrame), one per measured operator: name, type, input_shape, sigma
+    (PowerQR estimate, a lower bound), rel_change, iterations, sigma_exact (exact sigma
+    or NaN), sigma_upper (guaranteed upper bound, equal to sigma_exact where that is
+    known; NaN if none) and bound_kind ("exact", "upper" or "estimate": what the network
+    bound used for this row: sigma_upper for the first two, sigma for "estimate").
+    ``rows.attrs["bound_kind"]`` (see :func:`network_bound_kind`) is "upper" when the
+    returned bound is a guaranteed upper bound of the Lipschitz constant (a certificate
+    may use it) and "estimate" when some operator had only its PowerQR estimate.  The
+    model is evaluated in eval mode, its modes restored.
     """
     shape = tuple(int(s) for s in input_shape)
     with eval_mode(model), torch.no_grad():
@@ -406,8 +424,19 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float
         walker = _Walker(gm, prop.values, dependent, tol, iters, exact_max_dim,
                          exact_max_entries, seed)
         bound = walker.run()
-    columns = ["name", "type", "input_shape", "sigma", "rel_change", "iterations", "sigma_exact"]
-    return float(bound), pd.DataFrame(walker.rows, columns=columns)
+    rows = pd.DataFrame(walker.rows, columns=_COLUMNS)
+    rows.attrs["bound_kind"] = network_bound_kind(rows)
+    return float(bound), rows
+
+
+def network_bound_kind(rows: pd.DataFrame) -> str:
+    """"estimate" if any row of a :func:`lipschitz_report` is an estimate, else "upper".
+
+    A product (and sum, over residual branches) of per-operator norms bounds the
+    network's Lipschitz constant from above and is never claimed exact, even when every
+    factor is.
+    """
+    return "estimate" if (rows["bound_kind"] == "estimate").any() else "upper"
 
 
 def pair_ratios(fx_: Tensor, fx_other: Tensor, x: Tensor, x_other: Tensor) -> Tensor:

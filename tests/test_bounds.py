@@ -21,11 +21,18 @@ from robustclip.bounds import (
     exact_pair_ratios,
     linf_to_l2,
     lipschitz_report,
+    network_bound_kind,
     screened_ratio,
 )
 from robustclip.errors import RobustclipError
-from robustclip.spectral import float64_twin
 from robustclip import models
+from robustclip.spectral import (
+    circular_conv_singular_values,
+    float64_twin,
+    gram_matrix,
+    spectral_estimate,
+)
+from robustclip.upper_bounds import circular_conv_norm, operator_upper_bound
 from robustclip.models import Normalize as InputNormalize
 from helpers import Offset
 
@@ -247,6 +254,8 @@ def test_models_of_the_zoo_are_bounded():
         x = torch.rand(16, *shape, generator=torch.Generator().manual_seed(0))
         assert empirical_lipschitz(model, x, x.roll(1, 0)) <= bound, name
         assert layers["type"].str.contains("SpectralClip").any(), name
+        assert layers.attrs["bound_kind"] == "upper", name  # a certificate: no estimates
+        assert (layers["sigma_upper"] >= layers["sigma"] * (1 - 1e-5)).all(), name
 
 
 def test_composite_of_the_tutorial_gets_its_exact_sigma():
@@ -257,3 +266,177 @@ def test_composite_of_the_tutorial_gets_its_exact_sigma():
     _, layers = lipschitz_report(model, (1, 28, 28), tol=1e-6)
     row = layers.set_index("name").loc["conv1"]
     assert row["sigma_exact"] == pytest.approx(row["sigma"], rel=1e-5)
+
+
+# ------------------------------------------------------- guaranteed upper bounds of sigma
+
+CONV_VARIANTS = {"plain": {}, "dilation 2": {"dilation": 2}, "groups 2": {"groups": 2}}
+
+
+def _random_conv(dims: int, mode: str, stride: int, variant: str, bn: bool,
+                 seed: int) -> nn.Module:
+    """A 2 -> 4 channel conv (kernel 3, padding as wide as the dilated kernel's half),
+    followed by an eval-mode BatchNorm with random gamma (both signs) and statistics."""
+    torch.manual_seed(seed)
+    kwargs = CONV_VARIANTS[variant]
+    conv = (nn.Conv1d, nn.Conv2d)[dims - 1](2, 4, 3, stride=stride, padding=kwargs.get("dilation", 1),
+                                            padding_mode=mode, **kwargs)
+    if not bn:
+        return conv.eval()
+    norm = (nn.BatchNorm1d, nn.BatchNorm2d)[dims - 1](4)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        norm.running_var.copy_(0.2 + 2 * torch.rand(4, generator=g))
+        norm.running_mean.copy_(torch.randn(4, generator=g))
+        norm.weight.copy_(torch.randn(4, generator=g))
+    return nn.Sequential(conv, norm).eval()
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["conv", "conv+bn"])
+@pytest.mark.parametrize("variant", sorted(CONV_VARIANTS))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_upper_bound_is_never_below_the_exact_sigma(dims, mode, stride, variant, bn):
+    """upper >= exact (dense Jacobian SVD) >= PowerQR, up to rounding; circular stride 1
+    is exact on the input grid."""
+    model = _random_conv(dims, mode, stride, variant, bn, seed=7 * dims + stride)
+    shape = (2, 11) if dims == 1 else (2, 7, 9)
+    upper = operator_upper_bound(model, shape)
+    exact = _sigma(model, shape)
+    estimate = float(spectral_estimate(model, shape, iters=50).values[0])  # a Ritz value: below
+    assert upper.value >= exact * (1 - 1e-9) >= estimate * (1 - 1e-6) * (1 - 1e-9)
+    if mode == "circular" and stride == 1:
+        assert upper.kind == "exact"
+        assert upper.value == pytest.approx(exact, rel=1e-9)
+    else:
+        assert upper.kind == "upper"
+
+
+@pytest.mark.parametrize("kernel, dilation, limit", [(3, 1, 1.05), (5, 1, 1.05), (3, 2, 1.1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_zero_padding_bound_is_tight_on_a_large_input(kernel, dilation, limit, seed):
+    """Zero padding p, stride 1, 16 x 16: the conv is a compression of the circular conv
+    on the (16 + 2p)^2 grid; most of that grid is the input, so the FFT bound is close.
+    The zero ring (width p = 2 for dilation 2) is a larger share of the grid, and the
+    bound looser (measured 1.053 and 1.073 for the seeds here)."""
+    torch.manual_seed(seed)
+    pad = dilation * (kernel - 1) // 2
+    conv = nn.Conv2d(2, 3, kernel, padding=pad, dilation=dilation).eval()
+    shape = (2, 16, 16)
+    ratio = operator_upper_bound(conv, shape).value / _sigma(conv, shape)
+    assert 1 - 1e-9 <= ratio <= limit
+
+
+def test_circular_conv_norm_matches_the_2d_reference():
+    weight = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    reference = float(circular_conv_singular_values(weight, (7, 8))[0])
+    assert circular_conv_norm(weight, (7, 8), (1, 1)) == pytest.approx(reference, rel=1e-12)
+
+
+OTHER_LAYERS = [  # id, layer, input shape, kind, largest upper/exact ratio expected
+    ("conv3d", nn.Conv3d(2, 3, 3, padding=1), (2, 5, 5, 5), "upper", 1.3),
+    # a corner pixel is copied into 2 x 2 x 2 padded cells: factor sqrt(8)
+    ("conv3d reflect stride 2", nn.Conv3d(2, 3, 3, padding=1, stride=2, padding_mode="reflect"),
+     (2, 5, 4, 5), "upper", 3.5),
+    ("same, even kernel", nn.Conv2d(2, 3, (2, 4), padding="same"), (2, 6, 7), "upper", 1.2),
+    ("same, even kernel, circular", nn.Conv2d(2, 3, 2, padding="same", padding_mode="circular"),
+     (2, 6, 6), "exact", 1.0),
+    ("circular, kernel longer than input", nn.Conv1d(2, 3, 3, dilation=3, padding=3,
+                                                     padding_mode="circular"), (2, 4), "exact", 1.0),
+    ("circular, repeated rows", nn.Conv1d(2, 3, 3, padding=3, padding_mode="circular"), (2, 5),
+     "upper", 1.5),
+    ("circular, no padding", nn.Conv2d(2, 3, 3, padding_mode="circular"), (2, 6, 6), "upper", 1.3),
+    ("valid", nn.Conv2d(2, 3, 3), (2, 6, 6), "upper", 1.3),
+    ("linear", nn.Linear(6, 4), (6,), "exact", 1.0),
+    ("normalize", InputNormalize((0.1, 0.2, 0.3), (0.3, 0.5, 0.2)), (3, 4, 4), "exact", 1.0),
+    ("avgpool 2", nn.AvgPool2d(2), (2, 6, 6), "upper", 1.0),
+    ("avgpool 3, stride 1", nn.AvgPool2d(3, 1, 1), (2, 6, 6), "upper", 1.2),
+    ("avgpool without pad count", nn.AvgPool2d(3, 1, 1, count_include_pad=False), (2, 6, 6),
+     "upper", 1.2),
+    ("avgpool ceil mode", nn.AvgPool2d(2, ceil_mode=True), (2, 5, 5), "upper", 1.0),
+    ("global avgpool", nn.AdaptiveAvgPool2d(1), (2, 6, 6), "upper", 1.0),
+    ("adaptive avgpool 6 -> 4", nn.AdaptiveAvgPool2d(4), (2, 6, 6), "upper", 1.4),
+]
+
+
+@pytest.mark.parametrize("module, shape, kind, limit",
+                         [pytest.param(*case[1:], id=case[0]) for case in OTHER_LAYERS])
+def test_operator_upper_bound_of_other_layers(module, shape, kind, limit):
+    """Against the dense Jacobian SVD; ``limit``: the largest upper/exact ratio expected."""
+    torch.manual_seed(3)
+    for p in module.parameters():
+        nn.init.normal_(p)
+    upper = operator_upper_bound(module.eval(), shape)
+    exact = _sigma(module, shape)
+    assert upper.kind == kind
+    assert exact * (1 - 1e-9) <= upper.value <= exact * limit * (1 + 1e-5)
+
+
+class Flip(nn.Module):
+    """2 x the input reversed along its last axis: linear, norm 2, and nothing the walker
+    knows a formula for (a childless custom module: one operator)."""
+
+    def forward(self, x):
+        return 2 * x.flip(-1)
+
+
+def _exact_product(name: str) -> float:
+    model = FIXTURES[name]
+    return (_sigma(model.normalize, SHAPE) * _sigma(nn.Sequential(model.conv, model.bn), SHAPE)
+            * _sigma(model.fc, (108,)))
+
+
+@pytest.mark.parametrize("name", ["conv+bn", "wrapped conv+bn"])
+def test_network_bound_without_exact_sigmas_is_an_upper_bound(name):
+    """exact_max_dim=0: no Gram matrix; the composite gets its FFT bound."""
+    bound, layers = lipschitz_report(FIXTURES[name], SHAPE, exact_max_dim=0)
+    exact = _exact_product(name)
+    assert exact * (1 - 1e-9) <= bound <= exact * 1.2
+    rows = layers.set_index("name")
+    assert rows.loc["conv+bn", "bound_kind"] == "upper"
+    assert math.isnan(rows.loc["conv+bn", "sigma_exact"])
+    assert rows.loc["conv+bn", "sigma_upper"] >= rows.loc["conv+bn", "sigma"]
+    assert list(rows.loc[["normalize", "fc"], "bound_kind"]) == ["exact", "exact"]
+    assert layers.attrs["bound_kind"] == network_bound_kind(layers) == "upper"
+    assert bound == pytest.approx(math.prod(layers["sigma_upper"]), rel=1e-12)
+
+
+def test_network_bound_of_a_residual_model_without_exact_sigmas():
+    model = FIXTURES["residual"]
+    bound, layers = lipschitz_report(model, SHAPE, exact_max_dim=0)
+    exact, _ = lipschitz_report(model, SHAPE)
+    kinds = dict(zip(layers["name"], layers["bound_kind"]))
+    assert kinds == {"normalize": "exact", "conv1": "upper", "conv2": "exact",
+                     "avg_pool2d": "upper", "fc": "exact"}  # conv2: circular, stride 1
+    assert exact * (1 - 1e-9) <= bound <= exact * 1.2
+    assert layers.attrs["bound_kind"] == "upper"
+
+
+def test_conv_on_an_input_above_exact_max_dim_gets_an_fft_bound():
+    """A 1 x 33 x 33 input (1089 values > 1024): the default report has no exact sigma
+    for the conv and bounds it by the FFT; checked against the float64 Gram matrix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize(), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2 * 33 * 33, 4)).eval()
+    shape = (1, 33, 33)
+    bound, layers = lipschitz_report(model, shape)
+    conv = float(torch.linalg.eigvalsh(gram_matrix(model[1], shape))[-1].sqrt())
+    exact = _sigma(model[0], shape) * conv * _sigma(model[4], (2 * 33 * 33,))
+    assert list(layers["bound_kind"]) == ["exact", "upper", "exact"]
+    assert layers.attrs["bound_kind"] == "upper"
+    assert exact * (1 - 1e-9) <= bound <= exact * 1.05
+
+
+def test_an_operator_without_upper_bound_makes_the_network_an_estimate():
+    model = nn.Sequential(Normalize(), Flip(), nn.Flatten(), nn.Linear(36, 4)).eval()
+    bound, layers = lipschitz_report(model, SHAPE, exact_max_dim=0)
+    flip = layers.set_index("name").loc["1"]
+    assert flip["bound_kind"] == "estimate" and math.isnan(flip["sigma_upper"])
+    assert flip["sigma"] == pytest.approx(2.0, rel=1e-5)
+    assert bound == pytest.approx(_sigma(model[0], SHAPE) * flip["sigma"] * _sigma(model[3], (36,)),
+                                  rel=1e-12)
+    assert layers.attrs["bound_kind"] == network_bound_kind(layers) == "estimate"
+    # with its Gram matrix (input 36 <= exact_max_dim) the same operator is exact
+    _, small = lipschitz_report(model, SHAPE)
+    assert set(small["bound_kind"]) == {"exact"} and small.attrs["bound_kind"] == "upper"
