@@ -1,4 +1,5 @@
-"""Lipschitz bounds of whole networks, empirical Lipschitz ratios and L2 certificates.
+"""Lipschitz bounds of whole networks (empirical ratios: ``robustclip.empirical``;
+certificates: ``robustclip.certificates``).
 
 :func:`lipschitz_report` traces a model with :mod:`torch.fx` (spectral wrappers and
 standard layers stay leaves), propagates shapes for one input of ``input_shape`` and walks
@@ -45,7 +46,6 @@ from robustclip.spectral import (
     _CONVS,
     _unwrap,
     eval_mode,
-    float64_twin,
     spectral_estimate,
 )
 from robustclip.upper_bounds import AVG_POOL_FUNCTIONS, sigma_upper_bound
@@ -437,75 +437,3 @@ def network_bound_kind(rows: pd.DataFrame) -> str:
     factor is.
     """
     return "estimate" if (rows["bound_kind"] == "estimate").any() else "upper"
-
-
-def pair_ratios(fx_: Tensor, fx_other: Tensor, x: Tensor, x_other: Tensor) -> Tensor:
-    """Per pair ||f(x) - f(x')|| / ||x - x'|| (L2), shape (n,); pairs with x = x' give 0.
-
-    The quotient is only as good as the precision of f: in float32, rounding noise of
-    about 1e-6 |f| over a distance of 1e-7 (e.g. CW's tanh round trip) gives a ratio far
-    above the true one.  :func:`~robustclip.spectral.float64_twin` and
-    :func:`exact_pair_ratios` avoid that.
-    """
-    num = (fx_ - fx_other).flatten(1).norm(dim=1)
-    den = (x - x_other).flatten(1).norm(dim=1)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
-                       torch.zeros_like(num))
-
-
-def exact_pair_ratios(twin: nn.Module, x: Tensor, x_other: Tensor) -> Tensor:
-    """Per pair ||f(x) - f(x')|| / ||x - x'||, shape (n,), evaluated in float64 on
-    ``twin`` (a :func:`~robustclip.spectral.float64_twin`): a true lower bound of f's L2
-    Lipschitz constant even for pairs a float32 ulp apart.  Returned in float64, on the
-    inputs' device."""
-    xd, od = x.to(torch.float64), x_other.to(torch.float64)
-    with torch.no_grad():
-        return pair_ratios(twin(xd), twin(od), xd, od)
-
-
-def screened_ratio(twin: nn.Module, x: Tensor, x_other: Tensor, fx_: Tensor, fx_other: Tensor,
-                   *, top: int = 8, floor: float = 1e-3) -> Tensor:
-    """Largest exact pair ratio (float64 scalar) over the ``top`` most promising pairs.
-
-    fx_, fx_other: the model's own (float32) outputs on x, x_other, which rank the pairs
-    by ||f(x) - f(x')|| / max(||x - x'||, floor): pairs closer than ``floor`` (L2, input
-    units), whose float32 quotient is mostly rounding, do not crowd out the others.  The
-    chosen pairs are then measured on ``twin`` (:func:`exact_pair_ratios`), so the result
-    is an exact ratio of real pairs, a lower bound of the Lipschitz constant, at the cost
-    of 2 x ``top`` float64 samples.
-    """
-    num = (fx_ - fx_other).flatten(1).norm(dim=1)
-    den = (x - x_other).flatten(1).norm(dim=1)
-    pick = (num / den.clamp_min(floor)).topk(min(top, len(x))).indices
-    return exact_pair_ratios(twin, x[pick], x_other[pick]).max()
-
-
-def empirical_lipschitz(model: nn.Module, x: Tensor, x_other: Tensor) -> float:
-    """Largest ||f(x_i) - f(x'_i)|| / ||x_i - x'_i|| over the pairs (x_i, x'_i), shape (n, ...).
-
-    A lower bound of the Lipschitz constant (e.g. over test pairs and adversarial pairs),
-    computed in float64 on a copy of the model (see :func:`pair_ratios`).
-    """
-    if x.shape != x_other.shape:
-        raise RobustclipError(f"pairs need equal shapes, got {tuple(x.shape)} and {tuple(x_other.shape)}")
-    ratios = exact_pair_ratios(float64_twin(model), x, x_other)
-    return float(ratios.max()) if ratios.numel() else 0.0
-
-
-def certified(logits: Tensor, labels: Tensor, L: float, radius: float) -> Tensor:
-    """Per sample (bool, shape (n,)): correct AND margin > sqrt(2) * L * radius.
-
-    logits: (n, classes); margin = top logit - runner-up (Tsuzuku et al. 2018); L: the L2
-    Lipschitz bound of the logits; radius: L2 radius in input units.  For an Linf eps
-    pass ``linf_to_l2(eps, d)``.  NaN L certifies nothing.
-    """
-    top2 = logits.topk(2, dim=1).values
-    correct = logits.argmax(dim=1) == labels
-    if math.isnan(L):
-        return torch.zeros_like(correct)
-    return correct & (top2[:, 0] - top2[:, 1] > math.sqrt(2) * L * radius)
-
-
-def linf_to_l2(eps: float, d: int) -> float:
-    """L2 radius of the ball holding the Linf ball of radius ``eps`` in dimension ``d``."""
-    return eps * math.sqrt(d)

@@ -120,13 +120,39 @@ def data_list(data_dir: str | None) -> None:
 
 # ------------------------------------------------------------ attack, transfer, lipschitz
 
+class _Eps(click.ParamType):
+    """A budget as a number or a fraction: 0.3, 8/255."""
+
+    name = "eps"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/")
+                return float(num) / float(den)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{value!r} is not a number or a fraction like 8/255", param, ctx)
+
+
 _RUNS = click.argument("runs", nargs=-1, required=True, type=click.Path())
 _EVAL_OPTIONS = [
-    click.option("--eps", type=float, multiple=True,
-                 help="Budget in pixel units (repeatable); overrides a suite's eps lists."),
+    click.option("--eps", type=_Eps(), multiple=True,
+                 help="Budget in pixel units, e.g. 0.3 or 8/255 (repeatable); overrides a "
+                      "suite's eps lists."),
+    click.option("--norm", type=click.Choice(["Linf", "L2"]), default=None,
+                 help="Norm of --eps for attacks whose norm is free (default Linf); with "
+                      "--suite, keeps the attacks of this norm."),
     click.option("--attack", "attacks", multiple=True,
-                 help="Attack name (repeatable): fgsm, pgd, pgdl2, cw, apgd, square; "
-                      "with --suite, keeps these attacks of the suite. Default: pgd."),
+                 help="Attack (repeatable): standard, quick (cascades), fgsm, pgd, pgdl2, cw, "
+                      "apgd, apgdt, fab, square; with --suite, keeps these attacks of the suite."),
+    click.option("--steps", type=click.IntRange(min=1), default=None,
+                 help="Steps of every attack that has them (default: each attack's own)."),
+    click.option("--n-restarts", type=click.IntRange(min=1), default=None,
+                 help="Restarts of every attack that has them."),
     click.option("--suite", type=click.Path(dir_okay=False),
                  help="TOML attack suite, e.g. attacks/mnist.toml."),
     click.option("--limit", type=int, default=None, help="First N test samples."),
@@ -155,10 +181,15 @@ def _with(options):
 @main.command(name="attack")
 @_RUNS
 @_with(_EVAL_OPTIONS)
+@click.option("--quick", is_flag=True,
+              help="Default cascade APGD-CE + APGD-T only (a first look, not the standard).")
 @click.option("--ensemble", is_flag=True, help="Also attack the ensemble of all RUNs.")
 @_BACKEND
 def attack_cmd(backend: str | None, **options) -> None:
     """Attack each RUN (run dir or checkpoint) on its test set; print and save the table.
+
+    Without --attack or --suite: the standard evaluation, AutoAttack's cascade (APGD-CE,
+    APGD-T, FAB-T, Square; each attack only on the points still robust) in --norm.
 
     Under torchrun the batches are shared among the ranks (--device cuda: one GPU per
     rank); rank 0 prints and writes the table, the same as one process would.

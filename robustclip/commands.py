@@ -4,7 +4,7 @@ a click shell over these; ``report.py`` only renders and writes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import click
 import pandas as pd
@@ -13,7 +13,7 @@ from robustclip.checkpoint import load_runs
 from robustclip.data import test_set
 from robustclip.distributed import current, on_main
 from robustclip.errors import RobustclipError
-from robustclip.evaluation import (Ensemble, Evaluation, SanityWarning, check_one_dataset,
+from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning, check_one_dataset,
                                    evaluate, lipschitz_summary, load_suite, specs_for,
                                    transfer)
 from robustclip.evaluation.attacks import CW_EPS_NOTE
@@ -27,13 +27,23 @@ def _echo(text: str = "") -> None:
         click.echo(text)
 
 
-def _specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None) -> tuple[list, str | None]:
+def _specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None,
+           norm: str | None = None, default: str = "standard",
+           overrides: Mapping[str, Any] | None = None) -> tuple[list, str | None]:
+    """The specs of a command: a suite's, else each --attack (default ``default``) at each
+    --eps in ``norm``; ``overrides`` (--steps, --n-restarts) go to every attack having them."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if suite:
-        loaded = load_suite(suite, list(eps) or None, list(attacks) or None)
+        if overrides:
+            raise RobustclipError(f"--{next(iter(overrides)).replace('_', '-')} does not apply to "
+                                  "a --suite: set the parameter in the suite file")
+        loaded = load_suite(suite, list(eps) or None, list(attacks) or None, norm)
+        if not loaded.specs:
+            raise RobustclipError(f"suite {suite} has no {norm} attacks")
         return list(loaded.specs), loaded.name
     if not eps:
         raise RobustclipError("give --eps (one or more) or a --suite")
-    return specs_for(list(attacks) or ["pgd"], list(eps)), None
+    return specs_for(list(attacks) or [default], list(eps), norm, **overrides), None
 
 
 def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:
@@ -46,9 +56,16 @@ def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:
 def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
                    suite: str | None, limit: int | None, batch_size: int, seed: int,
                    device: str | None, ensemble: bool, ensemble_output: str,
-                   out: str | None, overwrite: bool, data_dir: str | None) -> pd.DataFrame:
-    """``robustclip attack``: white-box attacks on each run (and their ensemble), per dataset."""
-    specs, suite_name = _specs(eps, attacks, suite)
+                   out: str | None, overwrite: bool, data_dir: str | None,
+                   norm: str | None = None, quick: bool = False, steps: int | None = None,
+                   n_restarts: int | None = None) -> pd.DataFrame:
+    """``robustclip attack``: white-box attacks on each run (and their ensemble), per dataset.
+
+    Without attacks or a suite: the standard cascade (AutoAttack's; ``quick``: APGD-CE and
+    APGD-T only) in ``norm`` (default Linf) at each eps.
+    """
+    specs, suite_name = _specs(eps, attacks, suite, norm, "quick" if quick else "standard",
+                               {"steps": steps, "n_restarts": n_restarts})
     out_dir = on_main(current(), lambda: prepare_out_dir(out, overwrite)) if out else None
     out_dir = out_dir if current().main else None  # under torchrun rank 0 alone writes
     models = load_runs(runs, device)
@@ -70,7 +87,16 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
     _echo(format_table(table))
     _echo_warnings(total.warnings)
     notes = ["accuracies are fractions; robust = correct on x and on x_adv; a suite row is "
-             "the per-sample worst case over its attacks"]
+             "the per-sample worst case over its attacks; broken: the clean-correct samples "
+             "the row's attack broke"]
+    cascades = list(dict.fromkeys(s.label for s in specs if isinstance(s, Cascade)))
+    if cascades:
+        notes.append(f"cascades ({', '.join(cascades)}): each attack runs only on the points "
+                     "still robust; a '<cascade>:<attack>' row gives the robust accuracy after "
+                     "that stage and the points that stage broke; the '<cascade>' row is the "
+                     "per-sample worst case")
+    notes.append("certified: margin > sqrt(2) * bound * radius, only where bound_kind is "
+                 "exact or upper (a guaranteed bound); an estimate certifies nothing")
     if any(s.name == "cw" for s in specs):
         notes.append(f"CW eps: {CW_EPS_NOTE}")
     if ensemble:
@@ -85,9 +111,13 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
 def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
                      suite: str | None, limit: int | None, batch_size: int, seed: int,
                      device: str | None, ensemble_output: str, out: str | None,
-                     overwrite: bool, data_dir: str | None, surrogates: bool = True) -> pd.DataFrame:
-    """``robustclip transfer``: N x N transfer matrices and surrogate-ensemble rows."""
-    specs, _ = _specs(eps, attacks, suite)
+                     overwrite: bool, data_dir: str | None, surrogates: bool = True,
+                     norm: str | None = None, steps: int | None = None,
+                     n_restarts: int | None = None) -> pd.DataFrame:
+    """``robustclip transfer``: N x N transfer matrices and surrogate-ensemble rows (PGD
+    by default, the standard for transfer)."""
+    specs, _ = _specs(eps, attacks, suite, norm, "pgd" if norm != "L2" else "pgdl2",
+                      {"steps": steps, "n_restarts": n_restarts})
     out_dir = prepare_out_dir(out, overwrite) if out else None
     models = load_runs(runs, device)
     dataset = check_one_dataset(list(models.values()))

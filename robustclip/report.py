@@ -22,8 +22,8 @@ from robustclip.evaluation.evaluate import AttackResult  # noqa: E402
 from robustclip.files import atomic_write, write_text  # noqa: E402
 
 COLUMNS = ["model", "method", "attack", "norm", "eps", "n", "clean_acc", "robust_acc",
-           "certified_acc", "lipschitz_bound", "lipschitz_empirical", "seconds", "seed",
-           "ensemble_output", "params"]
+           "broken", "certified_acc", "lipschitz_bound", "bound_kind", "lipschitz_empirical",
+           "seconds", "seed", "ensemble_output", "params"]
 
 
 def results_table(results: Sequence[AttackResult]) -> pd.DataFrame:
@@ -33,9 +33,10 @@ def results_table(results: Sequence[AttackResult]) -> pd.DataFrame:
         rows.append({
             "model": r.model, "method": r.method, "attack": r.attack, "norm": r.norm,
             "eps": r.eps, "n": len(r.clean), "clean_acc": float(r.clean.double().mean()),
-            "robust_acc": float(r.robust.double().mean()),
+            "robust_acc": float(r.robust.double().mean()), "broken": r.broken,
             "certified_acc": math.nan if r.certified is None else float(r.certified.double().mean()),
-            "lipschitz_bound": r.lipschitz_bound, "lipschitz_empirical": r.lipschitz_empirical,
+            "lipschitz_bound": r.lipschitz_bound, "bound_kind": r.bound_kind,
+            "lipschitz_empirical": r.lipschitz_empirical,
             "seconds": r.seconds, "seed": r.seed, "ensemble_output": r.ensemble_output,
             "params": r.params,
         })

@@ -15,15 +15,9 @@ import torch.nn.functional as F
 import torchattacks
 
 from robustclip import SpectralClip, dense_singular_values
-from robustclip.bounds import (
-    certified,
-    empirical_lipschitz,
-    exact_pair_ratios,
-    linf_to_l2,
-    lipschitz_report,
-    network_bound_kind,
-    screened_ratio,
-)
+from robustclip.bounds import lipschitz_report, network_bound_kind
+from robustclip.certificates import certified, linf_to_l2
+from robustclip.empirical import empirical_lipschitz, exact_pair_ratios, screened_ratio
 from robustclip.errors import RobustclipError
 from robustclip import models
 from robustclip.spectral import (

@@ -5,18 +5,21 @@ Attacks come from torchattacks and run with the model in eval mode (spectral wra
 pass-throughs there), parameters frozen, on the model's device.  Inputs are images in
 [0, 1] of shape (n, C, H, W) and int64 labels (n,); eps is in pixel units.
 """
-from robustclip.evaluation.attacks import ATTACKS, NORMS, AttackDef, AttackSpec, make_spec, specs_for
+from robustclip.evaluation.attacks import ATTACKS, NORMS, AttackDef, AttackSpec, make_spec
+from robustclip.evaluation.cascade import VERSIONS, Cascade, make_cascade
 from robustclip.evaluation.checks import SanityWarning
-from robustclip.evaluation.craft import adversarial, craft, evaluating
+from robustclip.evaluation.craft import adversarial, craft, craft_seed, evaluating
 from robustclip.evaluation.ensemble import Ensemble, check_one_dataset, model_bound
 from robustclip.evaluation.evaluate import AttackResult, Evaluation, evaluate
 from robustclip.evaluation.lipschitz import lipschitz_summary
-from robustclip.evaluation.suites import Suite, load_suite
+from robustclip.evaluation.suites import Suite, load_suite, specs_for
 from robustclip.evaluation.transfer import Transfer, transfer
 
 __all__ = [
-    "ATTACKS", "NORMS", "AttackDef", "AttackResult", "AttackSpec", "Ensemble", "Evaluation",
+    "ATTACKS", "NORMS", "VERSIONS", "AttackDef", "AttackResult", "AttackSpec", "Cascade",
+    "Ensemble", "Evaluation", "make_cascade",
     "SanityWarning", "Suite", "Transfer", "adversarial", "check_one_dataset", "craft",
+    "craft_seed",
     "evaluate", "evaluating", "lipschitz_summary", "load_suite", "make_spec", "model_bound",
     "specs_for", "transfer",
 ]

@@ -7,16 +7,20 @@ checked (:func:`make_spec`).  Attacks are torchattacks classes; eps is in pixel 
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
+import torch
 import torch.nn as nn
 import torchattacks
 from torchattacks.attack import Attack
 from torch import Tensor
 
 from robustclip.errors import RobustclipError
+
+log = logging.getLogger(__name__)
 
 NORMS = ("Linf", "L2")
 CW_EPS_NOTE = "filter: CW is unbounded; an example counts only if its L2 perturbation <= eps"
@@ -40,7 +44,7 @@ class PositiveLogits(nn.Module):
         return z - z.min(dim=1, keepdim=True).values + 1
 
 
-Builder = Callable[[nn.Module, "AttackSpec", int], Attack]
+Builder = Callable[[nn.Module, "AttackSpec", int, int], Attack]
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,13 @@ class AttackDef:
     """What an attack is.
 
     norm: its norm, or None when its 'norm' parameter sets it; defaults: every parameter
-    with its default (the type of the default is the parameter's type); choices: the
-    allowed values of string parameters; build(model, spec, seed): the torchattacks
-    object (``seed`` feeds attacks that keep their own RNG); eps_bound: False when eps
-    only filters the results (CW); iterative: compared against FGSM by the checks;
-    own_restarts: restarts run by robustclip's loop (worst case per sample).
+    with its default (the type of the default is the parameter's type, torchattacks'
+    names); choices: the allowed values of string parameters; build(model, spec, seed,
+    n_classes): the torchattacks object (``seed`` feeds attacks that keep their own RNG);
+    eps_bound: False when eps only filters the results (CW); iterative: compared against
+    FGSM by the checks; own_restarts: restarts run by robustclip's loop (worst case per
+    sample); white_box: uses gradients (Square does not); classes: the fewest classes the
+    attack's loss needs.
     """
 
     norm: str | None
@@ -62,51 +68,123 @@ class AttackDef:
     eps_bound: bool = True
     iterative: bool = True
     own_restarts: bool = False
+    white_box: bool = True
+    classes: int = 2
 
 
-def _fgsm(model: nn.Module, spec: AttackSpec, seed: int) -> Attack:
+class SearchCW(torchattacks.CW):
+    """Carlini & Wagner's L2 attack with their binary search over c, per sample.
+
+    torchattacks' CW runs one c for the whole batch and maps pixels to tanh space with
+    atanh(2x - 1), which is infinite at a pixel of exactly 0 or 1: such a pixel never
+    moves (most of MNIST).  Here, as in Carlini & Wagner's own code, the box is shrunk by
+    1e-6 before atanh, and each sample keeps its own c: c grows 10x while the attack
+    fails, then bisects between the largest failing and smallest succeeding c.  The
+    result per sample is the smallest successful perturbation over all searches (x itself
+    where none succeeded).  ``search_steps=1`` is the fixed-c attack.
+    """
+
+    def __init__(self, model: nn.Module, c: float, kappa: float, steps: int, lr: float,
+                 search_steps: int) -> None:
+        super().__init__(model, c=1.0, kappa=kappa, steps=steps, lr=lr)
+        self.c_init, self.search_steps = c, search_steps
+        self.consts: Tensor | None = None
+
+    def inverse_tanh_space(self, x: Tensor) -> Tensor:
+        return torch.atanh((x * 2 - 1).clamp(-1, 1) * (1 - 1e-6))
+
+    def f(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        return super().f(outputs, labels) * self.consts
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        images, labels = images.clone().detach().to(self.device), labels.clone().detach().to(self.device)
+        n = len(images)
+        consts = torch.full((n,), self.c_init, device=self.device)
+        lower, upper = torch.zeros_like(consts), torch.full_like(consts, math.inf)
+        best, best_l2 = images.clone(), torch.full_like(consts, math.inf)
+        for _ in range(self.search_steps):
+            self.consts = consts
+            adv = super().forward(images, labels)
+            with torch.no_grad():
+                fooled = self.get_logits(adv).argmax(1) != labels
+                l2 = (adv - images).flatten(1).norm(dim=1)
+            better = fooled & (l2 < best_l2)
+            best = torch.where(better.view(-1, *[1] * (images.dim() - 1)), adv, best)
+            best_l2 = torch.where(better, l2, best_l2)
+            upper = torch.where(fooled, torch.minimum(upper, consts), upper)
+            lower = torch.where(fooled, lower, torch.maximum(lower, consts))
+            consts = torch.where(upper.isfinite(), (lower + upper) / 2, consts * 10)
+        return best
+
+
+def _fgsm(model: nn.Module, spec: AttackSpec, seed: int, n_classes: int) -> Attack:
     return torchattacks.FGSM(model, eps=spec.eps)
 
 
-def _pgd(model: nn.Module, spec: AttackSpec, seed: int) -> Attack:
+def _pgd(model: nn.Module, spec: AttackSpec, seed: int, n_classes: int) -> Attack:
     p = spec.kwargs
     cls = torchattacks.PGD if spec.norm == "Linf" else torchattacks.PGDL2
     return cls(model, eps=spec.eps, alpha=p["rel_stepsize"] * spec.eps, steps=p["steps"],
                random_start=p["random_start"])
 
 
-def _cw(model: nn.Module, spec: AttackSpec, seed: int) -> Attack:
+def _cw(model: nn.Module, spec: AttackSpec, seed: int, n_classes: int) -> Attack:
     p = spec.kwargs
-    return torchattacks.CW(PositiveLogits(model), c=p["c"], kappa=p["kappa"], steps=p["steps"],
-                           lr=p["lr"])
+    return SearchCW(PositiveLogits(model), c=p["c"], kappa=p["kappa"], steps=p["steps"],
+                    lr=p["lr"], search_steps=p["search_steps"])
 
 
-def _apgd(model: nn.Module, spec: AttackSpec, seed: int) -> Attack:
+def _apgd(model: nn.Module, spec: AttackSpec, seed: int, n_classes: int) -> Attack:
     p = spec.kwargs
     return torchattacks.APGD(model, norm=spec.norm, eps=spec.eps, steps=p["steps"],
-                             n_restarts=p["restarts"], seed=seed, loss=p["loss"], rho=p["rho"])
+                             n_restarts=p["n_restarts"], seed=seed, loss=p["loss"], rho=p["rho"])
 
 
-def _square(model: nn.Module, spec: AttackSpec, seed: int) -> Attack:
+def _apgdt(model: nn.Module, spec: AttackSpec, seed: int, n_classes: int) -> Attack:
     p = spec.kwargs
-    return torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=p["queries"],
-                               n_restarts=p["restarts"], p_init=p["p_init"], loss=p["loss"],
+    attack = torchattacks.APGDT(model, norm=spec.norm, eps=spec.eps, steps=p["steps"],
+                                n_restarts=p["n_restarts"], seed=seed, rho=p["rho"],
+                                n_classes=n_classes)
+    attack.n_target_classes = min(p["n_target_classes"], n_classes - 1)
+    return attack
+
+
+def _fab(model: nn.Module, spec: AttackSpec, seed: int, n_classes: int) -> Attack:
+    p = spec.kwargs
+    attack = torchattacks.FAB(model, norm=spec.norm, eps=spec.eps, steps=p["steps"],
+                              n_restarts=p["n_restarts"], seed=seed, n_classes=n_classes,
+                              multi_targeted=p["multi_targeted"])
+    attack.n_target_classes = min(p["n_target_classes"], n_classes - 1)
+    return attack
+
+
+def _square(model: nn.Module, spec: AttackSpec, seed: int, n_classes: int) -> Attack:
+    p = spec.kwargs
+    return torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
+                               n_restarts=p["n_restarts"], p_init=p["p_init"], loss=p["loss"],
                                seed=seed)
 
 
-_PGD_DEFAULTS = {"steps": 50, "rel_stepsize": 0.1, "random_start": True, "restarts": 1}
+_PGD_DEFAULTS = {"steps": 50, "rel_stepsize": 0.1, "random_start": True, "n_restarts": 1}
 
 ATTACKS: dict[str, AttackDef] = {
     "fgsm": AttackDef("Linf", {}, _fgsm, iterative=False),
     "pgd": AttackDef("Linf", _PGD_DEFAULTS, _pgd, own_restarts=True),
     "pgdl2": AttackDef("L2", _PGD_DEFAULTS, _pgd, own_restarts=True),
-    "cw": AttackDef("L2", {"c": 0.1, "kappa": 0.1, "steps": 1000, "lr": 0.01}, _cw,
-                    eps_bound=False),
-    "apgd": AttackDef(None, {"norm": "Linf", "steps": 50, "restarts": 1, "loss": "ce",
+    "cw": AttackDef("L2", {"c": 0.01, "kappa": 0.0, "steps": 1000, "lr": 0.01,
+                           "search_steps": 5}, _cw, eps_bound=False),
+    "apgd": AttackDef(None, {"norm": "Linf", "steps": 100, "n_restarts": 1, "loss": "ce",
                              "rho": 0.75}, _apgd, choices={"loss": ("ce", "dlr")}),
-    "square": AttackDef(None, {"norm": "Linf", "queries": 5000, "restarts": 1, "p_init": 0.8,
-                               "loss": "margin"}, _square, choices={"loss": ("ce", "margin")}),
+    "apgdt": AttackDef(None, {"norm": "Linf", "steps": 100, "n_restarts": 1, "rho": 0.75,
+                              "n_target_classes": 9}, _apgdt, classes=4),
+    "fab": AttackDef(None, {"norm": "Linf", "steps": 100, "n_restarts": 1,
+                            "multi_targeted": True, "n_target_classes": 9}, _fab),
+    "square": AttackDef(None, {"norm": "Linf", "n_queries": 5000, "n_restarts": 1,
+                               "p_init": 0.8, "loss": "margin"}, _square,
+                        choices={"loss": ("ce", "margin")}, white_box=False),
 }
+RENAMED = {"restarts": "n_restarts", "queries": "n_queries"}
+"""Old parameter names, still accepted (with a deprecation note), and torchattacks' names."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +205,14 @@ class AttackSpec:
     def definition(self) -> AttackDef:
         return ATTACKS[self.name]
 
-    def build(self, model: nn.Module, seed: int) -> Attack:
-        """The torchattacks object for ``model``; ``seed`` feeds attacks with their own RNG."""
-        return self.definition.build(model, self, seed)
+    @property
+    def eps_bound(self) -> bool:
+        return self.definition.eps_bound
+
+    def build(self, model: nn.Module, seed: int, n_classes: int) -> Attack:
+        """The torchattacks object for ``model`` (``n_classes`` outputs); ``seed`` feeds
+        attacks with their own RNG."""
+        return self.definition.build(model, self, seed, n_classes)
 
 
 def check_eps(eps: Any, norm: str) -> float:
@@ -171,16 +254,18 @@ def make_spec(name: str, eps: float, label: str | None = None, **params: Any) ->
     if name not in ATTACKS:
         raise RobustclipError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
     definition = ATTACKS[name]
+    for old, new in RENAMED.items():
+        if old in params and new in definition.defaults:
+            log.warning("attack %r: %r is now %r (torchattacks' name); the old name is "
+                        "deprecated", name, old, new)
+            params[new] = params.pop(old)
     unknown = sorted(set(params) - set(definition.defaults))
     if unknown:
         valid = ", ".join(definition.defaults) or "none"
         raise RobustclipError(f"unknown key {unknown[0]!r} for attack {name!r}; valid keys: {valid}")
     full = {k: _check_param(name, k, params.get(k, d), d) for k, d in definition.defaults.items()}
     norm = definition.norm or full["norm"]
+    if name == "cw" and full["search_steps"] == 1:
+        label = f"{label or name} (fixed c)" if "fixed c" not in (label or "") else label
     return AttackSpec(name, norm, check_eps(eps, norm), tuple(sorted(full.items())),
                       label or name)
-
-
-def specs_for(names: Sequence[str], eps: Sequence[float]) -> list[AttackSpec]:
-    """Every named attack (default parameters) at every eps."""
-    return [make_spec(n, e) for n in names for e in eps]

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from robustclip.evaluation.attacks import ATTACKS, AttackSpec
@@ -86,21 +87,55 @@ def mode_warning(model: nn.Module, name: str, where: str) -> SanityWarning | Non
                          f"{', ...' if len(training) > 3 else ''}); put back in eval mode", name)
 
 
-def clean_warnings(model: str, out_of_range: int, nan: int, spread: float,
-                   scale: float) -> list[SanityWarning]:
-    """Checks of a clean pass: ``out_of_range`` inputs outside [0, 1], ``nan`` samples with
-    NaN logits, and ``spread``, the largest difference between two passes of one batch
-    (``scale``: the largest |logit|, so the tolerance is relative)."""
+def clean_warnings(model: str, out_of_range: int, nan: int) -> list[SanityWarning]:
+    """Checks of a clean pass: ``out_of_range`` inputs outside [0, 1] or NaN, ``nan``
+    samples with NaN logits (they count as misclassified)."""
     out = []
     if out_of_range:
-        out.append(f"{out_of_range} inputs lie outside [0, 1]: attacks assume pixels with the "
-                   "normalisation inside the model")
+        out.append(f"{out_of_range} inputs lie outside [0, 1] or are NaN: attacks assume "
+                   "pixels with the normalisation inside the model")
     if nan:
-        out.append(f"{nan} samples have NaN logits on clean inputs")
-    if spread > 1e-5 * max(scale, 1.0):
-        out.append(f"model outputs are not deterministic: two clean passes of one batch differ "
-                   f"by up to {spread:.3g}")
+        out.append(f"{nan} samples have NaN logits on clean inputs; they count as misclassified")
     return [SanityWarning(m, model) for m in out]
+
+
+def start_point_warnings(model: nn.Module, name: str, x: Tensor, y: Tensor) -> list[SanityWarning]:
+    """AutoAttack's checks on one batch at the start point x (n, C, H, W), labels y (n,):
+
+    * outputs that change between two identical calls (randomness: a stochastic defence
+      needs EOT, and a deterministic table needs a deterministic model);
+    * outputs that look like probabilities (every row in [0, 1] summing to 1): attacks
+      and certificates need logits;
+    * samples whose cross-entropy gradient is exactly zero at x (masked or shattered
+      gradients: gradient attacks cannot start there);
+    * fewer than 4 classes: the targeted DLR loss of APGD-T needs 4.
+    """
+    out = []
+    with torch.enable_grad():
+        x0 = x.detach().clone().requires_grad_(True)
+        logits = model(x0)
+        grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x0,
+                                    allow_unused=True)
+    logits = logits.detach()
+    with torch.no_grad():
+        again = model(x)
+    spread = float((again - logits).abs().nan_to_num(0).max())
+    flips = int((again.argmax(1) != logits.argmax(1)).sum())
+    if flips or spread > 1e-5 * max(float(logits.abs().nan_to_num(0).max()), 1.0):
+        out.append(f"model outputs are not deterministic: two passes of one batch differ by "
+                   f"up to {spread:.3g} and change {flips} of {len(x)} predictions "
+                   "(randomised defences need an EOT attack)")
+    if ((logits >= 0) & (logits <= 1)).all() and torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-4):
+        out.append("model outputs look like probabilities (in [0, 1], rows sum to 1): "
+                   "attacks and certificates need logits; remove the final softmax")
+    zero = len(x) if grad is None else int((grad.flatten(1).abs().amax(1) == 0).sum())
+    if zero:
+        out.append(f"{zero} of {len(x)} samples have an exactly zero loss gradient at the "
+                   "clean input: gradient-based attacks cannot start there (masked gradients?)")
+    if logits.shape[1] < 4:
+        out.append(f"the model has {logits.shape[1]} classes: APGD-T's targeted DLR loss "
+                   "needs at least 4 (it runs with fewer targets)")
+    return [SanityWarning(m, name) for m in out]
 
 
 def weaker_than_fgsm(results: Sequence[Any]) -> list[SanityWarning]:
@@ -144,3 +179,55 @@ def weaker_than_transfer(table: pd.DataFrame) -> list[SanityWarning]:
                     "transferred one (masked gradients, or too weak an attack)",
                     target, attack, eps))
     return warnings
+
+
+def _acc(r: Any) -> float:
+    return float(r.robust.double().mean())
+
+
+def square_stronger(results: Sequence[Any]) -> list[SanityWarning]:
+    """Where Square (black-box) breaks more than 0.2 points of percentage that every
+    white-box attack missed: a sign of masked gradients (AutoAttack's check_square_sr).
+
+    In a cascade: Square's stage broke > 0.2% of the points; otherwise: Square's robust
+    accuracy is > 0.2 points below the lowest white-box one at the same model, norm, eps.
+    """
+    out = []
+    groups: dict[tuple, list[Any]] = {}
+    for r in results:
+        groups.setdefault((r.model, r.norm, r.eps, r.cascade), []).append(r)
+    for (model, norm, eps, cascade), rows in groups.items():
+        square = [r for r in rows if r.name == "square"]
+        white = [r for r in rows if r.name in ATTACKS and ATTACKS[r.name].white_box]
+        for r in square:
+            n = len(r.robust)
+            if cascade:
+                if white and r.broken > 0.002 * n:
+                    out.append(SanityWarning(
+                        f"Square broke {r.broken} of {n} points that every white-box attack "
+                        "before it missed (more than 0.2%): the gradients may be masked",
+                        model, r.attack, eps))
+            elif white and _acc(r) < min(_acc(w) for w in white) - 0.002:
+                out.append(SanityWarning(
+                    f"Square leaves {_acc(r):.4f}, more than 0.2 points below the best "
+                    f"white-box attack's {min(_acc(w) for w in white):.4f}: the gradients "
+                    "may be masked", model, r.attack, eps))
+    return out
+
+
+def rising_with_eps(results: Sequence[Any]) -> list[SanityWarning]:
+    """Where an attack's robust accuracy rises with eps (a larger ball holds the smaller
+    one, so a sound attack can only do better there)."""
+    out = []
+    series: dict[tuple, list[Any]] = {}
+    for r in results:
+        series.setdefault((r.model, r.attack, r.norm), []).append(r)
+    for (model, attack, norm), rows in series.items():
+        rows = sorted(rows, key=lambda r: r.eps)
+        for lo, hi in zip(rows, rows[1:]):
+            if hi.eps > lo.eps and _acc(hi) > _acc(lo):
+                out.append(SanityWarning(
+                    f"robust accuracy rises with eps: {_acc(lo):.4f} at eps {lo.eps:g}, "
+                    f"{_acc(hi):.4f} at eps {hi.eps:g} (the attack is too weak or unstable)",
+                    model, attack, hi.eps))
+    return out

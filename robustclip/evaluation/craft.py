@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from robustclip.evaluation.attacks import CW_EPS_NOTE, AttackSpec
+from robustclip.evaluation.cascade import Cascade
 from robustclip.spectral import eval_mode
+
+
+Spec = Union[AttackSpec, Cascade]
+"""What an evaluation runs: one attack at one eps, or a cascade of them."""
 
 
 @contextlib.contextmanager
@@ -39,7 +44,12 @@ def batch_seed(seed: int, *parts: Any) -> int:
 
 def run_key(spec: AttackSpec) -> str:
     """What seeds a spec's runs: its label, and its eps unless eps only filters (CW)."""
-    return f"{spec.label}@{spec.eps!r}" if spec.definition.eps_bound else spec.label
+    return f"{spec.label}@{spec.eps!r}" if spec.eps_bound else spec.label
+
+
+def craft_seed(seed: int, spec: AttackSpec, batch: int) -> int:
+    """The seed of ``spec``'s run on batch ``batch`` of an evaluation seeded ``seed``."""
+    return batch_seed(seed, run_key(spec), batch)
 
 
 @contextlib.contextmanager
@@ -60,15 +70,17 @@ def craft(model: nn.Module, spec: AttackSpec, x: Tensor, y: Tensor, seed: int) -
     example per sample is kept (the worst case).  CW's output is unfiltered here.
     At eps = 0 a bounded attack returns x itself (torchattacks' PGDL2 divides 0 by 0 there).
     """
-    if spec.eps == 0 and spec.definition.eps_bound:
+    if spec.eps == 0 and spec.eps_bound:
         return x.clone()
-    restarts = spec.kwargs["restarts"] if spec.definition.own_restarts else 1
+    restarts = spec.kwargs["n_restarts"] if spec.definition.own_restarts else 1
+    with torch.no_grad():
+        n_classes = model(x[:1]).shape[1]
     todo = torch.arange(len(x), device=x.device)
     x_adv = x
     for r in range(restarts):
         s = batch_seed(seed, r)
         with _seeded(s, x.device):
-            adv = spec.build(model, s)(x[todo], y[todo]).detach()
+            adv = spec.build(model, s, n_classes)(x[todo], y[todo]).detach()
         x_adv = adv if r == 0 else x_adv.index_copy(0, todo, adv)
         if r + 1 < restarts:
             with torch.no_grad():
@@ -84,26 +96,65 @@ def distance(x_adv: Tensor, x: Tensor, norm: str) -> Tensor:
     return delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
 
 
-def adversarial(model: nn.Module, specs: Sequence[AttackSpec], x: Tensor, y: Tensor,
-                seed: int, batch: int) -> dict[AttackSpec, Tensor]:
-    """x_adv per spec for one batch.  ``specs`` is one bounded spec, or every eps of one
-    eps-free attack (CW): run once, then x_adv = the CW example where its L2 perturbation
-    is <= eps, else x."""
-    x_adv = craft(model, specs[0], x, y, batch_seed(seed, run_key(specs[0]), batch))
-    if specs[0].definition.eps_bound:
-        return {specs[0]: x_adv}
+def adversarial(model: nn.Module, specs: Sequence[Spec], x: Tensor, y: Tensor, seed: int,
+                batch: int, clean: Tensor | None = None) -> dict[Spec, Tensor]:
+    """x_adv per result key (:func:`stages`) for one batch of one attack run (:func:`runs`).
+
+    ``specs`` is one bounded spec; or every eps of one eps-free attack (CW): run once,
+    then x_adv = the CW example where its L2 perturbation is <= eps, else x; or one
+    :class:`Cascade`: its attacks in turn on the points still robust (``clean``: the
+    clean correctness (n,), bool; default: the model's predictions on x), x_adv after
+    each stage under the member's key and the final one under the cascade's.
+    """
+    first = specs[0]
+    if isinstance(first, Cascade):
+        return _cascade(model, first, x, y, seed, batch, clean)
+    x_adv = craft(model, first, x, y, craft_seed(seed, first, batch))
+    if first.eps_bound:
+        return {first: x_adv}
     dist = distance(x_adv, x, "L2").view(-1, *([1] * (x.dim() - 1)))
     return {s: torch.where(dist <= s.eps, x_adv, x) for s in specs}
 
 
-def runs(specs: Sequence[AttackSpec]) -> list[list[AttackSpec]]:
-    """Group specs into attack runs: one per bounded spec, one per eps-free attack label."""
-    grouped: dict[tuple, list[AttackSpec]] = {}
+def _cascade(model: nn.Module, cascade: Cascade, x: Tensor, y: Tensor, seed: int, batch: int,
+             clean: Tensor | None) -> dict[Spec, Tensor]:
+    """Each member on the points still robust; an example counts only if it fools the model
+    within the eps ball and [0, 1] (one host sync per stage, to pick the points)."""
+    with torch.no_grad():
+        robust = (model(x).argmax(1) == y) if clean is None else clean.clone()
+    x_adv, out = x.clone(), {}
+    for member in cascade.members:
+        todo = robust.nonzero().squeeze(1)
+        if todo.numel():
+            adv = craft(model, member, x[todo], y[todo], craft_seed(seed, member, batch))
+            with torch.no_grad():
+                logits = model(adv)
+            valid = ((distance(adv, x[todo], member.norm) <= member.eps * (1 + 1e-6) + 1e-7)
+                     & ((adv >= 0) & (adv <= 1)).flatten(1).all(1) & ~adv.isnan().flatten(1).any(1))
+            fooled = valid & ((logits.argmax(1) != y[todo]) | logits.isnan().any(1))
+            x_adv[todo[fooled]] = adv[fooled]
+            robust[todo[fooled]] = False
+        out[member] = x_adv.clone()
+    out[cascade] = x_adv
+    return out
+
+
+def stages(group: Sequence[Spec]) -> list[Spec]:
+    """The result keys of one attack run: its specs, or a cascade's members then itself."""
+    return [*group[0].members, group[0]] if isinstance(group[0], Cascade) else list(group)
+
+
+def runs(specs: Sequence[Spec]) -> list[list[Spec]]:
+    """Group specs into attack runs: one per bounded spec or cascade, one per eps-free
+    attack label."""
+    grouped: dict[tuple, list[Spec]] = {}
     for s in specs:
-        key = (s.label, s.name, s.params) + ((s.eps,) if s.definition.eps_bound else ())
+        key = (s.label, s.name, s.params) + ((s.eps,) if s.eps_bound else ())
         grouped.setdefault(key, []).append(s)
     return list(grouped.values())
 
 
-def row_params(spec: AttackSpec) -> dict[str, Any]:
-    return spec.kwargs | ({} if spec.definition.eps_bound else {"eps": CW_EPS_NOTE})
+def row_params(spec: Spec) -> dict[str, Any]:
+    """The parameters a table row shows (lists, not tuples, so they read back from JSON)."""
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.kwargs.items()}
+    return params | ({} if spec.eps_bound else {"eps": CW_EPS_NOTE})

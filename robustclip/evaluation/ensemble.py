@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -63,11 +63,29 @@ class Ensemble(nn.Module):
         return torch.logsumexp(F.log_softmax(outs, dim=-1), dim=0) - math.log(len(self.members))
 
 
-def model_bound(model: nn.Module, input_shape: Sequence[int], **kwargs: Any) -> float:
-    """Lipschitz bound of the logits (``bounds.lipschitz_report``); for an ensemble of
-    logits the mean of the members' bounds, for a softmax ensemble NaN (no certificate)."""
+class Bound(NamedTuple):
+    """A network Lipschitz bound (L2, logits per input unit) and how sure it is: 'exact',
+    'upper' (guaranteed upper bound), 'estimate' (no guarantee), 'given' (by the user) or
+    'none' (NaN)."""
+
+    value: float
+    kind: str
+
+
+SOUND = ("exact", "upper", "given")
+"""The bound kinds a certificate may rest on."""
+_ORDER = ("exact", "upper", "given", "estimate", "none")
+
+
+def model_bound(model: nn.Module, input_shape: Sequence[int], **kwargs: Any) -> Bound:
+    """Lipschitz bound of the logits (``bounds.lipschitz_report``) and its kind; for an
+    ensemble of logits the mean of the members' bounds (its kind the weakest of theirs),
+    for a softmax ensemble none (no certificate)."""
     if isinstance(model, Ensemble):
         if model.output != "logits":
-            return math.nan
-        return sum(model_bound(m, input_shape, **kwargs) for m in model.members) / len(model.members)
-    return lipschitz_report(model, input_shape, **kwargs)[0]
+            return Bound(math.nan, "none")
+        parts = [model_bound(m, input_shape, **kwargs) for m in model.members]
+        return Bound(sum(p.value for p in parts) / len(parts),
+                     max((p.kind for p in parts), key=_ORDER.index))
+    value, rows = lipschitz_report(model, input_shape, **kwargs)
+    return Bound(value, rows.attrs.get("bound_kind", "estimate"))

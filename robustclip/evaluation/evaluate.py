@@ -29,14 +29,16 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from robustclip.bounds import certified, linf_to_l2, screened_ratio
+from robustclip.certificates import certified, linf_to_l2
+from robustclip.empirical import screened_ratio
 from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError
-from robustclip.evaluation.attacks import AttackSpec
+from robustclip.evaluation.cascade import Cascade
 from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, mode_warning,
+                                          rising_with_eps, square_stronger, start_point_warnings,
                                           weaker_than_fgsm)
-from robustclip.evaluation.craft import adversarial, evaluating, row_params, runs
-from robustclip.evaluation.ensemble import meta_name, model_bound
+from robustclip.evaluation.craft import Spec, adversarial, evaluating, row_params, runs, stages
+from robustclip.evaluation.ensemble import SOUND, Bound, meta_name, model_bound
 from robustclip.spectral import float64_twin, module_device
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,14 @@ log = logging.getLogger(__name__)
 class AttackResult:
     """One (model, attack or suite, norm, eps) row with per-sample booleans (n,) on the CPU.
 
-    name: the attack's key in ATTACKS, or 'suite' for a per-sample worst case; attack: its
-    label.  seconds: wall time of the attack run (an eps-free CW run serves every eps).
+    name: the attack's key in ATTACKS, 'cascade', or 'suite' for a per-sample worst case;
+    attack: its label.  seconds: wall time of the attack run (an eps-free CW run serves
+    every eps; a cascade's members share their cascade's).  broken: the clean-correct
+    samples this row's attack broke (in a cascade: those its stage was the first to
+    break).  cascade: the label of the cascade a member row belongs to ('' otherwise);
+    its robust is the cumulative robustness after that stage.  bound_kind: 'exact',
+    'upper', 'estimate' or 'none' (``bounds.lipschitz_report``); certificates rest only
+    on 'exact', 'upper' or user-given bounds.
     """
 
     model: str
@@ -65,6 +73,9 @@ class AttackResult:
     lipschitz_bound: float
     lipschitz_empirical: float
     ensemble_output: str = ""
+    broken: int = 0
+    cascade: str = ""
+    bound_kind: str = "none"
 
 
 @dataclass
@@ -96,8 +107,9 @@ def batches_of(images: Tensor, labels: Tensor, batch_size: int) -> list[tuple[Te
 
 def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tensor]],
                warnings: list[SanityWarning], twin: nn.Module | None = None) -> CleanPass:
-    """Clean logits, input range and NaN checks, test pairs; determinism spot check (the
-    first batch of each rank computed twice).
+    """Clean logits, input range and NaN checks, test pairs; start-point checks
+    (:func:`~robustclip.evaluation.checks.start_point_warnings`) on the first batch of
+    each rank.
 
     twin: the model's :func:`~robustclip.spectral.float64_twin`, on which the ratios over
     neighbouring test pairs are measured; None skips them (ratio 0).
@@ -106,32 +118,34 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
     """
     device, ctx = module_device(model), current()
     logits: dict[int, Tensor] = {}
-    spread = torch.zeros((), device=device)
     ratio = torch.zeros((), device=device, dtype=torch.float64)
     bad_range = nan = 0
     with torch.no_grad():
         for b in my_batches(len(batches), ctx):
             x = batches[b][0].to(device)
-            bad_range = bad_range + ((x < 0) | (x > 1)).flatten(1).any(1).sum()
+            bad_range = bad_range + (~((x >= 0) & (x <= 1))).flatten(1).any(1).sum()
+            if not logits:  # start-point checks on the first batch of each rank
+                warnings += start_point_warnings(model, name, x, batches[b][1].to(device))
             out = model(x)
-            if not logits:  # a stochastic model shows on any batch: spot-check the first
-                spread = (out - model(x)).abs().max()
             nan = nan + out.isnan().any(1).sum()
             if twin is not None:
                 ratio = torch.maximum(ratio, screened_ratio(twin, x, x.roll(1, 0), out, out.roll(1, 0)))
             logits[b] = out
     if ctx.distributed:
         parts = all_gather(({b: t.cpu() for b, t in logits.items()}, int(bad_range), int(nan),
-                            float(spread), float(ratio)), ctx)
+                            float(ratio)), ctx)
         logits = {b: t.to(device) for p in parts for b, t in p[0].items()}
         bad_range, nan = (sum(p[i] for p in parts) for i in (1, 2))
-        spread = torch.tensor(max(p[3] for p in parts), device=device)
-        ratio = torch.tensor(max(p[4] for p in parts), device=device, dtype=torch.float64)
+        ratio = torch.tensor(max(p[3] for p in parts), device=device, dtype=torch.float64)
     logits = torch.cat([logits[b] for b in range(len(batches))])
     labels = torch.cat([y for _, y in batches]).to(device)
-    warnings += clean_warnings(name, int(bad_range), int(nan), float(spread),
-                               float(logits.abs().max()))
-    return CleanPass(logits, logits.argmax(1) == labels, ratio)
+    warnings += clean_warnings(name, int(bad_range), int(nan))
+    return CleanPass(logits, predicted_correct(logits, labels), ratio)
+
+
+def predicted_correct(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per sample (n,), bool: the top logit is the label's; a row holding NaN is wrong."""
+    return (logits.argmax(1) == labels) & ~logits.isnan().any(1)
 
 
 def l2_radius(norm: str, eps: float, shape: Sequence[int]) -> float:
@@ -140,7 +154,7 @@ def l2_radius(norm: str, eps: float, shape: Sequence[int]) -> float:
 
 
 def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
-             specs: Sequence[AttackSpec], *, suite: str | None = None, batch_size: int = 256,
+             specs: Sequence[Spec], *, suite: str | None = None, batch_size: int = 256,
              seed: int = 0, bounds: bool | Mapping[str, float] = True,
              progress: bool = False) -> Evaluation:
     """White-box evaluation of every model under every spec, per sample.
@@ -149,8 +163,11 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
     images: (n, C, H, W) in [0, 1]; labels: (n,) int64.
     suite: label of the per-sample worst case over the attacks of each (norm, eps); with
         None and several attacks at one (norm, eps) the label is 'all-attacks'.
+    specs: attacks (:func:`~robustclip.evaluation.attacks.make_spec`) and cascades
+        (:func:`~robustclip.evaluation.cascade.make_cascade`).
     bounds: True computes each model's Lipschitz bound (:func:`model_bound`); a mapping
-        gives them (label -> bound); False skips bounds and certificates.
+        gives them (label -> bound, taken as guaranteed upper bounds); False skips bounds
+        and certificates.
     """
     batches, ctx = batches_of(images, labels, batch_size), current()
     check_world(ctx, len(images), "evaluation samples")
@@ -164,26 +181,28 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
     if ctx.distributed:  # mode warnings are per rank; the others are the same on every rank
         evaluation.warnings = [w for part in all_gather(evaluation.warnings, ctx) for w in part]
     _combine(evaluation, suite)
-    evaluation.warnings += weaker_than_fgsm(evaluation.results)
+    for check in (weaker_than_fgsm, square_stronger, rising_with_eps):
+        evaluation.warnings += check(evaluation.results)
     evaluation.warnings = list(dict.fromkeys(evaluation.warnings))
     return evaluation
 
 
 def _bound_of(name: str, model: nn.Module, shape: Sequence[int],
-              bounds: bool | Mapping[str, float], warnings: list[SanityWarning]) -> float:
+              bounds: bool | Mapping[str, float], warnings: list[SanityWarning]) -> Bound:
     if isinstance(bounds, Mapping):
-        return float(bounds.get(name, math.nan))
+        value = float(bounds.get(name, math.nan))
+        return Bound(value, "none" if math.isnan(value) else "given")
     if not bounds:
-        return math.nan
+        return Bound(math.nan, "none")
     try:
         return model_bound(model, shape)
     except RobustclipError as err:
         warnings.append(SanityWarning(f"no Lipschitz bound, so no certificate: {err}", name))
-        return math.nan
+        return Bound(math.nan, "none")
 
 
 def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
-                    specs: Sequence[AttackSpec], seed: int, bounds: bool | Mapping[str, float],
+                    specs: Sequence[Spec], seed: int, bounds: bool | Mapping[str, float],
                     progress: bool, evaluation: Evaluation) -> None:
     device, ctx = module_device(model), current()
     meta = getattr(model, "robustclip_meta", {})
@@ -195,51 +214,59 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
     labels = torch.cat([y for _, y in batches]).to(device)
     starts = [0, *itertools.accumulate(len(y) for _, y in batches)]
     ratio = clean.ratio
-    rows: list[tuple[AttackSpec, Tensor, Tensor | None, float]] = []
+    rows: list[tuple[Spec, Tensor, Tensor | None, float, int]] = []
     groups, mine = runs(specs), my_batches(len(batches), ctx)
     bar = tqdm(total=len(groups) * len(mine), desc=name, disable=not (progress and ctx.main), leave=False)
     for group in groups:
         start = time.perf_counter()
-        tallies = {s: Tally(s) for s in group}
-        correct: dict[AttackSpec, dict[int, Tensor]] = {s: {} for s in group}
+        keys = stages(group)
+        tallies = {s: Tally(s) for s in keys}
+        correct: dict[Spec, dict[int, Tensor]] = {s: {} for s in keys}
         for b in mine:
             x, y = (t.to(device) for t in batches[b])
             ok, out_clean = (t[starts[b]:starts[b + 1]] for t in (clean.correct, clean.logits))
-            advs = adversarial(model, group, x, y, seed, b)
+            advs = adversarial(model, group, x, y, seed, b, ok)
             mode = mode_warning(model, name, f"after {group[0].label}")
             if mode:
                 warnings.append(mode)
             with torch.no_grad():
                 for s, x_adv in advs.items():
                     out = model(x_adv)
-                    adv_ok = out.argmax(1) == y
+                    adv_ok = predicted_correct(out, y)
                     tallies[s].add(x, x_adv, out, ok, adv_ok)
                     ratio = torch.maximum(ratio, screened_ratio(twin, x_adv, x, out, out_clean))
                     correct[s][b] = adv_ok
             bar.update()
         if ctx.distributed:
-            ratio = _share_run(ctx, device, group, correct, tallies, ratio)
+            ratio = _share_run(ctx, device, keys, correct, tallies, ratio)
         robust = {s: (clean.correct & torch.cat([c[b] for b in range(len(batches))])).cpu()
                   for s, c in correct.items()}
         seconds = time.perf_counter() - start  # .cpu() above waited for the device
-        for s in group:
+        before = clean.correct.cpu()
+        for s in keys:
             cert = _certified(clean, labels, bound, s, shape)
-            broken = 0 if cert is None else int((cert & ~robust[s]).sum())
-            warnings.extend(tallies[s].warnings(name, broken))
-            rows.append((s, robust[s], cert, seconds))
+            broken_cert = 0 if cert is None else int((cert & ~robust[s]).sum())
+            warnings.extend(tallies[s].warnings(name, broken_cert))
+            rows.append((s, robust[s], cert, seconds, int((before & ~robust[s]).sum())))
+            if isinstance(group[0], Cascade) and s is not group[0]:
+                before = robust[s]
     bar.close()
     empirical = float(ratio)
-    for s, robust_s, cert, seconds in rows:
+    for s, robust_s, cert, seconds, broken in rows:
+        cascade = next((g.label for g in specs if isinstance(g, Cascade) and s in g.members), "")
+        if isinstance(s, Cascade):
+            broken = int((clean.correct.cpu() & ~robust_s).sum())
         result = AttackResult(name, meta_name(meta, "method"), s.name, s.label, s.norm, s.eps,
                               row_params(s), seed, clean.correct.cpu(), robust_s, cert,
-                              seconds, bound, empirical, str(meta.get("ensemble_output", "")))
+                              seconds, bound.value, empirical, str(meta.get("ensemble_output", "")),
+                              broken, cascade, bound.kind)
         evaluation.results.append(result)
         log.info("%s %s %s eps=%g: clean %.4f robust %.4f", name, s.label, s.norm, s.eps,
                  float(result.clean.double().mean()), float(result.robust.double().mean()))
 
 
-def _share_run(ctx: Context, device: torch.device, group: list[AttackSpec],
-               correct: dict[AttackSpec, dict[int, Tensor]], tallies: dict[AttackSpec, Tally],
+def _share_run(ctx: Context, device: torch.device, group: list[Spec],
+               correct: dict[Spec, dict[int, Tensor]], tallies: dict[Spec, Tally],
                ratio: Tensor) -> Tensor:
     """Merge one attack run over the ranks, in place: per-batch correctness, check counters
     (summed) and largest distance; returns the largest pair ratio of all ranks."""
@@ -255,18 +282,22 @@ def _share_run(ctx: Context, device: torch.device, group: list[AttackSpec],
     return torch.tensor(max(p[2] for p in parts), device=device, dtype=torch.float64)
 
 
-def _certified(clean: CleanPass, labels: Tensor, bound: float, spec: AttackSpec,
+def _certified(clean: CleanPass, labels: Tensor, bound: Bound, spec: Spec,
                shape: Sequence[int]) -> Tensor | None:
-    if math.isnan(bound):
+    """Certified per sample, or None where no sound bound exists (an estimate certifies
+    nothing: see ``bounds.lipschitz_report``)."""
+    if math.isnan(bound.value) or bound.kind not in SOUND:
         return None
-    return certified(clean.logits, labels, bound, l2_radius(spec.norm, spec.eps, shape)).cpu()
+    return certified(clean.logits, labels, bound.value,
+                     l2_radius(spec.norm, spec.eps, shape)).cpu() & clean.correct.cpu()
 
 
 def _combine(evaluation: Evaluation, suite: str | None) -> None:
     """Add a per-sample worst-case row per (model, norm, eps) holding several attacks."""
     groups: dict[tuple, list[AttackResult]] = {}
     for r in evaluation.results:
-        groups.setdefault((r.model, r.norm, r.eps), []).append(r)
+        if not r.cascade:  # a cascade's own row already holds its members' worst case
+            groups.setdefault((r.model, r.norm, r.eps), []).append(r)
     for (model, norm, eps), members in groups.items():
         if len(members) < 2:
             continue
@@ -276,4 +307,5 @@ def _combine(evaluation: Evaluation, suite: str | None) -> None:
             {"attacks": [m.attack for m in members]}, first.seed, first.clean,
             torch.stack([m.robust for m in members]).all(0), first.certified,
             sum(m.seconds for m in members), first.lipschitz_bound, first.lipschitz_empirical,
-            first.ensemble_output))
+            first.ensemble_output, int((first.clean & ~torch.stack([m.robust for m in members]).all(0)).sum()),
+            "", first.bound_kind))

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from robustclip.bounds import exact_pair_ratios, lipschitz_report
+from robustclip.bounds import lipschitz_report
+from robustclip.empirical import exact_pair_ratios
 from robustclip.evaluation.attacks import make_spec
 from robustclip.evaluation.craft import adversarial, evaluating
 from robustclip.evaluation.evaluate import batches_of, clean_pass

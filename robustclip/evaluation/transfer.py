@@ -18,7 +18,7 @@ from robustclip.evaluation.attacks import AttackSpec
 from robustclip.evaluation.checks import SanityWarning, Tally, mode_warning, weaker_than_transfer
 from robustclip.evaluation.craft import adversarial, evaluating, row_params, runs
 from robustclip.evaluation.ensemble import Ensemble, check_one_dataset
-from robustclip.evaluation.evaluate import CleanPass, batches_of, clean_pass
+from robustclip.evaluation.evaluate import CleanPass, batches_of, clean_pass, predicted_correct
 from robustclip.spectral import module_device
 
 
@@ -101,14 +101,15 @@ def _transfer_rows(src: str, src_model: nn.Module, targets: list[str],
             if mode:
                 warnings.append(mode)
         with torch.no_grad():
-            src_ok = src_model(x).argmax(1) == y
-            for s, x_adv in advs.items():
+            src_ok = predicted_correct(src_model(x), y)
+            for s in group:  # a cascade: its final examples
+                x_adv = advs[s]
                 out = src_model(x_adv)
-                tallies[s].add(x, x_adv, out, src_ok, out.argmax(1) == y)
+                tallies[s].add(x, x_adv, out, src_ok, predicted_correct(out, y))
                 for t in targets:
                     t_device = module_device(models[t])
                     ok = cleans[t].correct[offset:offset + len(x)]
-                    adv_ok = models[t](x_adv.to(t_device)).argmax(1) == y.to(t_device)
+                    adv_ok = predicted_correct(models[t](x_adv.to(t_device)), y.to(t_device))
                     correct[(s, t)].append(ok & adv_ok)
         offset += len(x)
         bar.update()
