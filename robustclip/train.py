@@ -11,7 +11,13 @@ A run directory holds:
   singular-value trace every ``log.log_every`` steps;
 - ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint.
 
-A resumed run continues from ``last.pt`` and is exact: weights, optimiser and scheduler,
+Each epoch saves ``best.pt`` (if improved), ``last.pt``, then ``metrics.csv``, so that
+metrics.csv never holds a row that last.pt does not.  The run directory is locked for the
+whole run (robustclip.locks; rank 0 holds it under torchrun).
+
+A resumed run continues from ``last.pt`` (which must exist), with the config stored in it
+(config.toml and a given config must match it but for train.epochs, train.device and
+log.progress), and is exact: weights, optimiser and scheduler,
 wrapper buffers and every RNG (global, augmentation) are restored, and the shuffling is a
 function of (seed, epoch), so on CPU it ends bit-for-bit where an uninterrupted run ends.
 

@@ -225,7 +225,7 @@ def test_two_concurrent_trains_one_is_refused(tmp_path, config_file):
         while not (out / "config.toml").exists() and first.poll() is None:
             subprocess.run(["sleep", "0.05"])
         assert first.poll() is None, first.stderr.read()
-        second = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True, timeout=300)
+        second = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first run ended before the second started"
         assert second.returncode == 2 and f"is in use by robustclip pid {first.pid}" in second.stderr, second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
