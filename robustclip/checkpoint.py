@@ -40,7 +40,11 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
 
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__,
                **checkpoint}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a Python file: a failed write raises its OSError (ENOSPC...)
+            torch.save(payload, f)
+    atomic_write(path, write)
 
 
 def checkpoint_file(path_or_run_dir: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """Command-line interface: a thin click layer over the Python API.
 
 Every :class:`~robustclip.errors.RobustclipError` (bad input, missing data, a corrupt
-checkpoint) becomes one line on stderr and exit status 2, never a traceback.
+checkpoint) and every OSError (a full disk, a read-only or forbidden directory, a file
+size limit) becomes one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from robustclip.errors import RobustclipError
 
 
 class _Group(click.Group):
-    """A click group that reports :class:`RobustclipError` as one line, exit 2."""
+    """A click group that reports :class:`RobustclipError` and OSError as one line, exit 2."""
 
     def invoke(self, ctx: click.Context):
+        from robustclip.files import describe
+
         try:
             return super().invoke(ctx)
         except RobustclipError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {' '.join(str(err).split())}", err=True)
+            ctx.exit(2)
+        except OSError as err:
+            click.echo(f"error: {describe(err)}", err=True)
             ctx.exit(2)
 
 
@@ -43,12 +49,13 @@ _BACKEND = click.option("--backend", type=click.Choice(["gloo", "nccl"]), defaul
 @main.command(name="train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML config, e.g. configs/mnist-simpleconv-fastclip.toml "
-                   "(with --resume: default the run's config.toml).")
+                   "(with --resume: default the config stored in the run's last.pt).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<config file stem>).")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue the run in DIR from its last.pt (same config).")
-@click.option("--overwrite", is_flag=True, help="Replace the files of an existing run directory.")
+              help="Continue the run in DIR from its last.pt (same config; --epochs may grow).")
+@click.option("--overwrite", is_flag=True,
+              help="Remove the old run's files (checkpoints, metrics, events) from an existing run directory.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's).")
 @click.option("--seed", type=int, default=None, help="Override train.seed.")
 @click.option("--epochs", type=int, default=None, help="Override train.epochs.")
@@ -69,16 +76,21 @@ def train_cmd(config_file: str | None, out: str | None, resume: str | None, over
 
     from robustclip.config import load_config, override
     from robustclip.distributed import torchrun_env
-    from robustclip.train import train
+    from robustclip.train import resume_config, train
 
     if resume and out and Path(out).resolve() != Path(resume).resolve():
         raise RobustclipError("--resume DIR continues the run in DIR; drop --out")
     if not (config_file or resume):
         raise RobustclipError("give --config FILE (or --resume DIR)")
-    config = load_config(config_file or Path(resume) / "config.toml")
     flags = [f"train.{k}={v}" for k, v in [("seed", seed), ("epochs", epochs), ("device", device)]
              if v is not None]
-    config = override(config, [*assignments, *flags])
+    if resume:  # the config stored in last.pt; --config / --set may change only what a resume may
+        if overwrite:
+            raise RobustclipError("--resume and --overwrite exclude each other")
+        config = resume_config(resume, load_config(config_file) if config_file else None,
+                               [*assignments, *flags])
+    else:
+        config = override(load_config(config_file), [*assignments, *flags])
     run = Path(resume or out or Path("runs") / Path(config_file).stem)
     try:
         train(config, run, resume=bool(resume), overwrite=overwrite, data_dir=data_dir, backend=backend)
@@ -164,7 +176,8 @@ _EVAL_OPTIONS = [
                  help="Ensemble output: log of mean softmax, or mean of logits."),
     click.option("--out", type=click.Path(file_okay=False), default=None,
                  help="Write results.csv/.json/.md and plots here."),
-    click.option("--overwrite", is_flag=True, help="Allow a non-empty --out directory."),
+    click.option("--overwrite", is_flag=True,
+                 help="Replace a non-empty --out directory whole (at the end, once the new results are written)."),
     click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                  help="Data root (default: $ROBUSTCLIP_DATA, else ~/.cache/robustclip/data)."),
 ]

@@ -18,7 +18,7 @@ from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning,
                                    transfer)
 from robustclip.evaluation.attacks import CW_EPS_NOTE
 from robustclip.report import (format_table, prepare_out_dir, results_table, write_results,
-                               write_transfer)
+                               write_transfer, writes_results)
 
 
 def _echo(text: str = "") -> None:
@@ -53,6 +53,7 @@ def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:
             _echo(f"  - {w}")
 
 
+@writes_results  # lock --out; write a fresh directory, swapped in whole at the end
 def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
                    suite: str | None, limit: int | None, batch_size: int, seed: int,
                    device: str | None, ensemble: bool, ensemble_output: str,
@@ -108,6 +109,7 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
     return table
 
 
+@writes_results
 def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
                      suite: str | None, limit: int | None, batch_size: int, seed: int,
                      device: str | None, ensemble_output: str, out: str | None,

@@ -3,10 +3,12 @@
 Every file robustclip writes goes through :func:`atomic_write`: a temporary file beside
 the destination, flushed and fsynced, then renamed into place (and the directory
 fsynced), so a reader sees the old file or the new one, never half of one; the temporary
-file is removed on any error.
+file is removed on any error, and an OSError of the write (ENOSPC, EFBIG, EROFS, EACCES,
+...) is raised naming the destination (:func:`describe` makes it one line).
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -33,24 +35,72 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError that ``err`` is or that caused it (a library may wrap one: ``torch.save``
+    into a file object raises RuntimeError from the file's OSError), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` with a temporary path beside ``path``, fsync it, rename it to
     ``path``; returns ``path``.  ``write`` may open ``tmp`` itself or hand it to a library
-    (``DataFrame.to_csv``, ``Figure.savefig``, ``torch.save``)."""
+    (``DataFrame.to_csv``, ``Figure.savefig``, ``torch.save`` into a file object).
+
+    Any failure removes the temporary file and leaves ``path`` as it was; a failure caused
+    by an OSError is raised as that OSError (same errno) with ``filename`` = ``path``.
+    """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
+        os.close(fd)
+        tmp = Path(name)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        tmp = None
+        _fsync_dir(path.parent)
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        cause = _os_error(err) if isinstance(err, Exception) else None
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
     return path
+
+
+def describe(err: OSError) -> str:
+    """One line for an OSError: ``PATH: cause (ENAME)``, e.g. ``run/last.pt: No space left
+    on device (ENOSPC)``."""
+    name = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    cause = err.strerror or str(err) or type(err).__name__
+    cause = " ".join(str(cause).split()) + (f" ({name})" if name else "")
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
+
+
+def temporaries(folder: str | Path) -> list[Path]:
+    """The temporary files of :func:`atomic_write` in ``folder`` (left by a killed write)."""
+    folder = Path(folder)
+    return sorted(folder.glob(f"{TEMP_PREFIX}*")) if folder.is_dir() else []
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that a killed write left in ``folder``; returns them.
+    Call it only while holding the folder's lock (robustclip.locks): another writer's
+    temporary file is in use."""
+    removed = [p for p in temporaries(folder) if p.is_file() or p.is_symlink()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -262,6 +262,7 @@ def build_model(name: str, dataset: str, method: str = "none",
     info = dataset_info(dataset)
     try:
         model = MODELS[name](info, **model_args)
-    except TypeError as err:
-        raise RobustclipError(f"model {name!r}: bad argument(s) {sorted(model_args)}: {err}") from None
+    except (TypeError, ValueError, RuntimeError) as err:  # unknown name; a value torch refuses
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RobustclipError(f"model {name!r}: bad argument(s) {model_args}: {first}") from None
     return apply_method(model, method, method_args)

@@ -1,14 +1,21 @@
 """Results tables: terminal text, CSV / JSON / Markdown files and PNG plots.
 
 One row per (model or ensemble, attack or suite, norm, eps); accuracies are fractions in
-[0, 1].  Files are written atomically (temporary file in the out dir, then rename).
+[0, 1].  Files are written atomically (temporary file in the out dir, then rename); a
+command's results directory is written whole or not at all (:func:`results_dir`).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import matplotlib
 
@@ -19,7 +26,8 @@ import pandas as pd  # noqa: E402
 from robustclip.errors import RobustclipError  # noqa: E402
 from robustclip.evaluation.checks import SanityWarning  # noqa: E402
 from robustclip.evaluation.evaluate import AttackResult  # noqa: E402
-from robustclip.files import atomic_write, write_text  # noqa: E402
+from robustclip.files import TEMP_PREFIX, atomic_write, describe, write_text  # noqa: E402
+from robustclip.locks import locked  # noqa: E402
 
 COLUMNS = ["model", "method", "attack", "norm", "eps", "n", "clean_acc", "robust_acc",
            "broken", "certified_acc", "lipschitz_bound", "bound_kind", "lipschitz_empirical",
@@ -65,14 +73,111 @@ def format_table(table: pd.DataFrame, drop: Sequence[str] = ("params", "seed")) 
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse an existing non-empty directory unless ``overwrite``."""
+    """Create ``out``; refuse an existing non-empty directory unless ``overwrite``; check
+    that a file can be written there (before the long work)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RobustclipError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RobustclipError(f"--out {out} is not empty; pass --overwrite to replace its results")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = write_text(out / f"{TEMP_PREFIX}probe", "")
+        probe.unlink()
+    except OSError as err:
+        raise RobustclipError(f"cannot write --out {out}: {describe(err)}") from None
     return out
+
+
+_WORK = f"{TEMP_PREFIX}dir."
+"""Sibling directories of a results directory being written start with this."""
+
+
+def _open_results(out: Path, overwrite: bool, stack: ExitStack) -> Path:
+    """Lock ``out`` (on ``stack``), check it, make the fresh sibling to write into."""
+    if out.exists() and not out.is_dir():
+        raise RobustclipError(f"--out {out} exists and is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(locked(out, "results directory --out"))
+        for left in out.parent.glob(f"{_WORK}{out.name}.*"):  # of a killed command
+            shutil.rmtree(left, ignore_errors=True)
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise RobustclipError(f"--out {out} is not empty; pass --overwrite to replace its results")
+        work = Path(tempfile.mkdtemp(prefix=f"{_WORK}{out.name}.", dir=out.parent))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)  # unless swapped into place
+        umask = os.umask(0)
+        os.umask(umask)  # mkdtemp makes 0700: give the mode a plain mkdir (or the old out) has
+        os.chmod(work, (out.stat().st_mode & 0o7777) if out.is_dir() else 0o777 & ~umask)
+    except OSError as err:
+        raise RobustclipError(f"cannot write --out {out}: {describe(err)}") from None
+    return prepare_out_dir(work, overwrite=False)
+
+
+def _swap(work: Path, out: Path) -> None:
+    """Put ``work`` where ``out`` is (an old ``out`` removed once the new one is in place)."""
+    old = work.with_name(work.name + ".old")
+    try:
+        if out.is_dir() and any(out.iterdir()):
+            os.rename(out, old)
+        os.replace(work, out)  # over a missing or empty directory
+    except OSError as err:
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise RobustclipError(f"cannot put the results in place at {out}: {describe(err)}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def results_dir(out: str | Path | None, overwrite: bool) -> Iterator[Path | None]:
+    """The directory to write a command's results into, for the whole command.
+
+    Takes the lock of ``out`` (robustclip.locks), refuses a non-empty ``out`` unless
+    ``overwrite``, checks that it is writable, and yields a fresh sibling directory; when
+    the block succeeds it replaces ``out`` whole (no file of earlier results survives),
+    and when it fails ``out`` is left as it was.  ``out`` None yields None.  Under a
+    process group rank 0 alone locks and swaps; every rank gets the same path.
+    """
+    from robustclip.distributed import current, on_main
+
+    if out is None:
+        yield None
+        return
+    out, ctx = Path(out).resolve(), current()
+    with ExitStack() as stack:
+        work = on_main(ctx, lambda: _open_results(out, overwrite, stack))
+        _FINAL[work] = out
+        stack.callback(_FINAL.pop, work, None)
+        yield work
+        if ctx.main:
+            _swap(work, out)
+
+
+_FINAL: dict[Path, Path] = {}
+"""Directory being written (a :func:`results_dir`) -> where it goes at the end."""
+
+
+def _final(paths: list[Path]) -> list[Path]:
+    """Where ``paths`` (written into a :func:`results_dir`) will be once it is in place."""
+    return [_FINAL[p.parent] / p.name if p.parent in _FINAL else p for p in paths]
+
+
+T = TypeVar("T")
+
+
+def writes_results(command: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: run ``command`` (with parameters ``out`` and ``overwrite``) inside
+    :func:`results_dir`, its ``out`` replaced by the directory to write into."""
+    signature = inspect.signature(command)
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> T:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with results_dir(bound.arguments["out"], bool(bound.arguments["overwrite"])) as work:
+            bound.arguments["out"] = None if work is None else str(work)
+            return command(*bound.args, **bound.kwargs)
+    return run
 
 
 def _jsonable(value: Any) -> Any:
@@ -95,7 +200,10 @@ def markdown(table: pd.DataFrame) -> str:
 
 def write_table(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning],
                 title: str, notes: Sequence[str] = ()) -> list[Path]:
-    """results.csv, results.json (list of row objects, each with its 'warnings'), results.md."""
+    """results.csv, results.json (list of row objects, each with its 'warnings'), results.md.
+
+    The write functions return the paths the files have once the command's
+    :func:`results_dir` is in place."""
     rows = [dict(r) | {"warnings": row_warnings(r, warnings)} for r in table.to_dict("records")]
     csv = table.assign(params=[json.dumps(_jsonable(p), sort_keys=True) for p in table["params"]],
                        warnings=[" | ".join(r["warnings"]) for r in rows])
@@ -107,7 +215,7 @@ def write_table(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning
     md += ["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []
     md += ["## Warnings", "", *([f"- {w}" for w in warnings] or ["none"]), ""]
     written.append(write_text(out / "results.md", "\n".join(md)))
-    return written
+    return _final(written)
 
 
 def write_results(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning],
@@ -120,7 +228,7 @@ def write_results(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarni
     if table["lipschitz_bound"].notna().any():
         written.append(atomic_write(out / "robust_vs_lipschitz.png",
                                lambda tmp: plot_robust_vs_lipschitz(table, tmp)))
-    return written
+    return _final(written)
 
 
 def _worst(table: pd.DataFrame) -> pd.DataFrame:
@@ -178,7 +286,7 @@ def write_transfer(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarn
         name = f"transfer_{attack}_{eps:g}.png".replace("/", "-").replace(" ", "")
         written.append(atomic_write(out / name, lambda tmp, m=matrix, a=attack, e=eps:
                                plot_matrix(m, f"{a} eps={e:g}", tmp)))
-    return written
+    return _final(written)
 
 
 def plot_matrix(matrix: pd.DataFrame, title: str, path: str) -> None:

@@ -11,7 +11,13 @@ A run directory holds:
   singular-value trace every ``log.log_every`` steps;
 - ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint.
 
-A resumed run continues from ``last.pt`` and is exact: weights, optimiser and scheduler,
+Each epoch saves ``best.pt`` (if improved), ``last.pt``, then ``metrics.csv``, so that
+metrics.csv never holds a row that last.pt does not.  The run directory is locked for the
+whole run (robustclip.locks; rank 0 holds it under torchrun).
+
+A resumed run continues from ``last.pt`` (which must exist), with the config stored in it
+(config.toml and a given config must match it but for train.epochs, train.device and
+log.progress), and is exact: weights, optimiser and scheduler,
 wrapper buffers and every RNG (global, augmentation) are restored, and the shuffling is a
 function of (seed, epoch), so on CPU it ends bit-for-bit where an uninterrupted run ends.
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,12 +45,13 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from robustclip.checkpoint import load_state, read_checkpoint, save_checkpoint
-from robustclip.config import Config, differences, load_config, to_dict, to_toml
+from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
 from robustclip.data import dataset_info, load, synthetic
 from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
                                     launch, on_main, part, sync_after_step)
 from robustclip.errors import RobustclipError
-from robustclip.files import atomic_write, resolve_device, write_text
+from robustclip.files import atomic_write, describe, remove_temporaries, resolve_device, write_text
+from robustclip.locks import locked
 from robustclip.models import build_model, wrappers
 
 log = logging.getLogger(__name__)
@@ -171,44 +179,108 @@ def _set_rng_state(state: dict[str, Any], device: torch.device, *generators: tor
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless resuming (same config) or overwriting."""
+def _saved_config(ckpt: dict[str, Any], path: Path) -> Config:
+    """The config a checkpoint was trained with."""
+    if not isinstance(ckpt.get("config"), dict):
+        raise RobustclipError(f"{path} holds no config: cannot resume from it; --overwrite to start again")
+    return from_dict(ckpt["config"], f" in {path}")
+
+
+def _last(run: Path) -> Path:
+    last = run / "last.pt"
+    if not last.is_file():
+        raise RobustclipError(f"no last.pt in {run}: nothing to resume; --overwrite to start again")
+    return last
+
+
+def resume_config(run: str | Path, given: Config | None = None,
+                  assignments: Sequence[str] = ()) -> Config:
+    """The config to resume ``run`` with: the one stored in its ``last.pt`` (or ``given``),
+    with ``assignments`` (``section.key=value``) applied.  Only train.epochs, train.device
+    and log.progress may differ from the stored one; anything else raises a one-line diff."""
+    last = _last(Path(run))
+    saved = _saved_config(read_checkpoint(last), last)
+    config = override(given or saved, assignments)
+    diff = differences(saved, config)
+    if diff:
+        raise RobustclipError(f"cannot resume {run} with a different config: "
+                              f"{'; '.join(diff)} (run's vs given)")
+    return config
+
+
+def _resume_checkpoint(out: Path, config: Config) -> dict[str, Any]:
+    """``last.pt`` of ``out``, checked: its config against ``config`` and ``config.toml``."""
+    last = _last(out)
+    ckpt = read_checkpoint(last)
+    saved = _saved_config(ckpt, last)
+    diff = differences(saved, config)
+    if diff:
+        raise RobustclipError(f"cannot resume {out} with a different config: "
+                              f"{'; '.join(diff)} (run's vs given)")
+    toml = out / "config.toml"
+    if toml.exists():
+        try:
+            diff = differences(saved, load_config(toml))
+        except RobustclipError as err:
+            diff = [str(err)]
+        if diff:
+            raise RobustclipError(f"{toml} does not match the config in {last}: {'; '.join(diff)} "
+                                  f"(last.pt's vs config.toml's); remove config.toml to restore it "
+                                  f"from last.pt, or --overwrite to start again")
+    return ckpt
+
+
+def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool,
+                     stack: ExitStack) -> dict[str, Any] | None:
+    """Lock the run directory for the command (on ``stack``) and check it: refuse to clobber
+    an existing run unless resuming (same config) or overwriting (the old run's files go).
+    Writes config.toml and metrics.csv (so an unwritable directory fails before training).
+    Returns the checkpoint to resume from, or None."""
     if resume and overwrite:
         raise RobustclipError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
         raise RobustclipError(f"run directory {out} is a file")
-    if resume:
-        saved = out / "config.toml"
-        if not saved.is_file():
-            raise RobustclipError(f"nothing to resume in {out}: it has no config.toml")
-        diff = differences(load_config(saved), config)
-        if diff:
-            raise RobustclipError(f"cannot resume {out} with a different config: "
-                                  f"{'; '.join(diff)} (run's vs given)")
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RobustclipError(f"run directory {out} already exists; use --resume to continue "
-                                  f"it or --overwrite to replace it")
-        for path in out.iterdir():
-            if path.name in RUN_FILES or path.name.startswith("events.out.tfevents."):
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(locked(out, "run directory"))
+        ckpt = _resume_checkpoint(out, config) if resume else None
+        if not resume and out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise RobustclipError(f"run directory {out} already exists; use --resume to continue "
+                                      f"it or --overwrite to replace it")
+            for path in out.iterdir():
+                if path.name in RUN_FILES or path.name.startswith("events.out.tfevents."):
+                    path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        for path in remove_temporaries(out):
+            log.info("removed %s, left by an interrupted write", path)
+        write_text(out / "config.toml", to_toml(config))
+        _write_metrics(out / "metrics.csv", ckpt["metrics"] if ckpt else [])
+    except OSError as err:
+        raise RobustclipError(f"cannot write run directory {out}: {describe(err)}") from None
+    return ckpt
 
 
-def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False,
+def train(config: Config | str | Path | None, out_dir: str | Path, resume: bool = False,
           overwrite: bool = False, device: str | None = None,
           data_dir: str | Path | None = None, backend: str | None = None) -> Path:
     """Train the model of ``config`` (a Config or a TOML path); write the run to ``out_dir``.
 
-    resume: continue the run in ``out_dir`` from its ``last.pt`` (its config.toml must
-    match ``config`` except train.epochs, train.device, log.progress); without a
-    checkpoint it starts over.  overwrite: replace robustclip's files in an existing
-    ``out_dir``.  device: overrides train.device.  data_dir: the data root (see
+    resume: continue the run in ``out_dir`` from its ``last.pt``, which must exist; its
+    stored config and config.toml must match ``config`` except train.epochs,
+    train.device, log.progress (``config`` None: the stored one).  overwrite: remove the
+    old run's files (checkpoints, metrics, TensorBoard events, temporary files) from an
+    existing ``out_dir``.  The run directory is locked for the whole call (see
+    robustclip.locks).  device: overrides train.device.  data_dir: the data root (see
     robustclip.data.data_root).  backend: the torch.distributed backend under torchrun
     (default: see robustclip.distributed).  Returns the run directory.  Ctrl-C leaves
     ``last.pt`` at the last completed epoch and re-raises KeyboardInterrupt.
     """
-    if not isinstance(config, Config):
+    if config is None:
+        if not resume:
+            raise RobustclipError("give a config (only a resume takes the run's own)")
+        config = resume_config(out_dir)
+    elif not isinstance(config, Config):
         config = load_config(config)
     with launch(resolve_device(device or config.train.device), backend) as ctx:
         return _train(config, Path(out_dir), resume, overwrite, data_dir, ctx)
@@ -216,25 +288,34 @@ def train(config: Config | str | Path, out_dir: str | Path, resume: bool = False
 
 def _train(config: Config, out: Path, resume: bool, overwrite: bool,
            data_dir: str | Path | None, ctx: Context) -> Path:
-    """:func:`train` in the process ``ctx`` describes (one of the ranks, or the only process)."""
-    tc, dev = config.train, ctx.device
-    torch.manual_seed(tc.seed)
+    """:func:`train` in the process ``ctx`` describes (one of the ranks, or the only process):
+    build the model, load the data, lock and check the run directory, fit."""
+    torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, config.data.dataset, config.method.name,
-                        config.method_args(), **config.model.args).to(dev)
+                        config.method_args(), **config.model.args).to(ctx.device)
     train_set, test_set = _datasets(config, data_dir)
     check_world(ctx, len(train_set), "training samples")
-    if tc.batch_size < ctx.world_size:
-        raise RobustclipError(f"train.batch_size {tc.batch_size} is smaller than the world size "
-                              f"{ctx.world_size}: every rank needs a share of each batch")
-    on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite))
+    if config.train.batch_size < ctx.world_size:
+        raise RobustclipError(f"train.batch_size {config.train.batch_size} is smaller than the "
+                              f"world size {ctx.world_size}: every rank needs a share of each batch")
+    with ExitStack() as stack:  # rank 0 holds the run directory's lock until the end
+        ckpt = on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite, stack))
+        return _fit(config, out, model, ckpt, train_set, test_set, ctx)
+
+
+def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | None,
+         train_set: TensorDataset, test_set: TensorDataset, ctx: Context) -> Path:
+    """The epochs of the run (from ``ckpt`` when resuming) in the prepared, locked ``out``.
+
+    Each epoch saves ``best.pt`` (if improved), then ``last.pt``, then ``metrics.csv``: a
+    failed save leaves metrics.csv without the row, never a row that no checkpoint holds."""
+    tc, dev = config.train, ctx.device
     optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum,
                                 weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, tc.step_size, tc.gamma)
     crop = torch.Generator().manual_seed(tc.seed + 1)
     history: list[dict[str, Any]] = []
     global_step = 0
-    ckpt = on_main(ctx, lambda: read_checkpoint(out / "last.pt")
-                   if resume and (out / "last.pt").exists() else None)
     if ckpt is not None:
         load_state(model, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -242,8 +323,6 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
         _set_rng_state(ckpt["rng"], dev, crop)
         history, global_step = ckpt["metrics"], ckpt["global_step"]
         log.info("resuming %s after epoch %d (step %d)", out, ckpt["epoch"], global_step)
-    on_main(ctx, lambda: (write_text(out / "config.toml", to_toml(config)),
-                          _write_metrics(out / "metrics.csv", history)))
     net = data_parallel(model, ctx)
     pin = dev.type == "cuda"
     # The test set in contiguous shares, one per rank; batches of eval_batch_size within.
@@ -253,7 +332,7 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
     if config.log.tensorboard and ctx.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out), purge_step=global_step + 1 if resume else None)
+        writer = SummaryWriter(str(out), purge_step=global_step + 1 if ckpt is not None else None)
     for w in wrappers(model):
         w.writer = writer
     meta = {"model": {"name": config.model.name, "args": dict(config.model.args)},
@@ -283,22 +362,24 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
             improved, best = test_acc > best, max(best, test_acc)
             if not ctx.main:
                 continue
-            pending = {**meta, "epoch": epoch, "global_step": global_step, "metrics": history,
+            pending = {**meta, "epoch": epoch, "global_step": global_step, "metrics": list(history),
                        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "rng": _rng_state(dev, crop)}
+            if improved:
+                save_checkpoint(pending, out / "best.pt")
+            save_checkpoint(pending, out / "last.pt")
+            pending, saved = None, epoch
             _write_metrics(out / "metrics.csv", history)
             if writer is not None:
                 _log_tensorboard(writer, row, model, global_step)
             log.info("epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.3g | %.1fs",
                      epoch, train_loss, train_acc, test_loss, test_acc, lr, row["wall_time"])
-            if improved:
-                save_checkpoint(pending, out / "best.pt")
-            save_checkpoint(pending, out / "last.pt")
-            pending, saved = None, epoch
     except KeyboardInterrupt:
         if pending is not None:
             save_checkpoint(pending, out / "last.pt")
             saved = pending["epoch"]
+        if ctx.main and saved >= 0:
+            _write_metrics(out / "metrics.csv", history[: saved + 1])
         if ctx.main:
             log.warning("interrupted: %s; continue with `robustclip train --resume %s`",
                         f"{out / 'last.pt'} holds epoch {saved}" if saved >= 0 else "no epoch completed", out)

@@ -110,6 +110,13 @@ def test_cli_attack_transfer_lipschitz(runs, mnist_root, tmp_path):
     assert all(r["n"] == 8 for r in rows)
     again = _cli("attack", runs["m1"], "--eps", "0.1", "--out", str(out), *common)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
+    (out / "robust_vs_eps_L2.png").write_bytes(b"stale")
+    again = _cli("attack", runs["m1"], "--attack", "fgsm", "--eps", "0.1", "--out", str(out),
+                 "--overwrite", *common)
+    assert again.exit_code == 0, again.output
+    assert not (out / "robust_vs_eps_L2.png").exists()  # replaced whole: no stale file
+    assert {r["model"] for r in json.loads((out / "results.json").read_text())} == {"m1"}
+    assert f"wrote {out.resolve() / 'results.csv'}" in again.output
     result = _cli("transfer", runs["m1"], runs["m2"], "--attack", "fgsm", "--eps", "0.1",
                   "--out", str(tmp_path / "tr"), *common)
     assert result.exit_code == 0, result.output
@@ -118,3 +125,110 @@ def test_cli_attack_transfer_lipschitz(runs, mnist_root, tmp_path):
     result = _cli("lipschitz", runs["m1"], *common)
     assert result.exit_code == 0, result.output
     assert "conv1+bn1" in result.output and "empirical" in result.output
+
+
+# ------------------------------------------------------------------ faults (issue #13)
+
+def _refused(result, *parts: str) -> str:
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(p in lines[0] for p in parts), lines[0]
+    return lines[0]
+
+
+def _no_attack(monkeypatch):
+    """Fail the test if the command gets as far as loading data (the long work)."""
+    import robustclip.commands as commands
+
+    monkeypatch.setattr(commands, "test_set", lambda *a, **k: pytest.fail("the work ran before the check"))
+
+
+def test_unwritable_out_fails_before_the_attack(runs, tmp_path, monkeypatch):
+    """EROFS / EACCES on --out (chmod does not stop root: os.replace is patched) is one
+    line before any attack, new or existing directory."""
+    import errno
+    import os
+
+    real_replace = os.replace
+    for code, name in [(errno.EROFS, "EROFS"), (errno.EACCES, "EACCES")]:
+        def replace(src, dst, *args, code=code, **kwargs):
+            if "out" in str(dst):
+                raise OSError(code, os.strerror(code), str(dst))
+            return real_replace(src, dst, *args, **kwargs)
+        monkeypatch.setattr(os, "replace", replace)
+        _no_attack(monkeypatch)
+        for out in (tmp_path / "out", tmp_path / "existing-out"):
+            out.mkdir(exist_ok=True) if "existing" in out.name else None
+            _refused(_cli("attack", runs["m1"], "--eps", "0.1", "--out", str(out)), "cannot write --out", f"({name})")
+            assert not list(tmp_path.glob(".rc-tmp*")) and not list(tmp_path.glob(".*.lock"))
+
+
+def test_results_dir_is_replaced_whole_or_not_at_all(models, data, tmp_path):
+    from robustclip.report import results_dir, write_results
+
+    x, y = data
+    table = results_table(evaluate({"a": models["a"]}, x[:20], y[:20], [make_spec("fgsm", 0.1)]).results)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "robust_vs_eps_L2.png").write_bytes(b"stale")  # of an earlier attack
+    (out / ".rc-tmp.results.csv.x").write_bytes(b"")  # a killed save
+    with pytest.raises(RuntimeError, match="killed"):
+        with results_dir(out, overwrite=True) as work:
+            write_results(work, table, [])
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in out.iterdir()) == [".rc-tmp.results.csv.x", "robust_vs_eps_L2.png"]
+    with results_dir(out, overwrite=True) as work:
+        written = write_results(work, table, [])
+        assert not (work / "robust_vs_eps_L2.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    assert all(p.parent == out.resolve() for p in written)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no work dir, no lock left
+    with pytest.raises(RobustclipError, match="not empty"):
+        with results_dir(out, overwrite=False):
+            pass
+
+
+def test_second_writer_of_out_is_refused_and_a_stale_lock_taken_over(runs, tmp_path, monkeypatch, caplog):
+    import logging
+    import socket
+    import subprocess
+    import sys
+
+    from robustclip import locks
+
+    out = tmp_path / "out"
+    lock = locks.lock_path(out)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        _no_attack(monkeypatch)
+        for extra in ([], ["--overwrite"]):
+            _refused(_cli("attack", runs["m1"], "--eps", "0.1", "--out", str(out), *extra),
+                     f"is in use by robustclip pid {sleeper.pid}")
+        assert lock.read_text().split()[0] == str(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    from robustclip.report import results_dir
+
+    with caplog.at_level(logging.WARNING, logger="robustclip.locks"):
+        with results_dir(out, overwrite=False) as work:
+            (work / "results.csv").write_text("new\n")
+    assert f"stale lock {lock} of pid {sleeper.pid}" in caplog.text
+    assert (out / "results.csv").read_text() == "new\n" and not lock.exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, y: (x, torch.cat([y[:-1], torch.tensor([12])])), r"labels must be in \[0, 10\) .* got 12"),
+    (lambda x, y: (x, y.float()), r"labels must be integer class indices \(int64\), got torch.float32"),
+    (lambda x, y: (x, torch.cat([y[:-1], torch.tensor([-1])])), r"labels must be class indices >= 0, got -1"),
+    (lambda x, y: (x, y[:, None]), r"labels must have shape \(n,\), got \(10, 1\)"),
+    (lambda x, y: (x.repeat(1, 3, 1, 1), y), r"model a fails on input shape \(3, 10, 10\): .*channels"),
+    (lambda x, y: ((x * 255).to(torch.uint8), y), r"images must be a floating tensor .* got torch.uint8"),
+])
+def test_evaluate_bad_input_is_one_line(models, data, bad, message):
+    x, y = bad(data[0][:10], data[1][:10])
+    with pytest.raises(RobustclipError, match=message) as err:
+        evaluate({"a": models["a"]}, x, y, [make_spec("fgsm", 0.1)], bounds=False)
+    assert "\n" not in str(err.value)

@@ -97,12 +97,45 @@ class CleanPass:
 
 
 def batches_of(images: Tensor, labels: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """(images, labels) in batches of ``batch_size``, checked: images a floating tensor
+    (n, ...), labels (n,) of integer class indices >= 0 (returned as int64).  The upper
+    bound of the labels (the model's classes) is checked by :func:`clean_pass`."""
     if batch_size < 1:
         raise RobustclipError(f"batch size must be >= 1, got {batch_size}")
+    if not (isinstance(images, Tensor) and isinstance(labels, Tensor)):
+        raise RobustclipError(f"images and labels must be tensors, got {type(images).__name__} "
+                              f"and {type(labels).__name__}")
+    if not images.is_floating_point() or images.dim() < 2:
+        raise RobustclipError(f"images must be a floating tensor (n, C, H, W) in [0, 1], got "
+                              f"{images.dtype} of shape {tuple(images.shape)}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise RobustclipError(f"labels must be integer class indices (int64), got {labels.dtype}")
+    if labels.dim() != 1:
+        raise RobustclipError(f"labels must have shape (n,), got {tuple(labels.shape)}")
     if len(images) == 0 or len(images) != len(labels):
         raise RobustclipError(f"need as many labels as images, and at least one; got "
                               f"{len(images)} images, {len(labels)} labels")
-    return list(zip(images.split(batch_size), labels.split(batch_size)))
+    if int(labels.min()) < 0:
+        raise RobustclipError(f"labels must be class indices >= 0, got {int(labels.min())}")
+    return list(zip(images.split(batch_size), labels.long().split(batch_size)))
+
+
+def _first_forward(model: nn.Module, name: str, x: Tensor,
+                   batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """model(x) for a first batch x; a failure of the model on this input, or labels
+    outside its classes, raise RobustclipError."""
+    try:
+        out = model(x)
+    except torch.OutOfMemoryError:
+        raise
+    except (IndexError, RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RobustclipError(f"model {name} fails on input shape {tuple(x.shape[1:])}: {first}") from None
+    top = max(int(y.max()) for _, y in batches)
+    if out.dim() != 2 or top >= out.shape[1]:
+        raise RobustclipError(f"labels must be in [0, {out.shape[-1]}) (the classes of model {name}, "
+                              f"output shape {tuple(out.shape[1:])}), got {top}")
+    return out
 
 
 def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tensor]],
@@ -124,9 +157,12 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
         for b in my_batches(len(batches), ctx):
             x = batches[b][0].to(device)
             bad_range = bad_range + (~((x >= 0) & (x <= 1))).flatten(1).any(1).sum()
-            if not logits:  # start-point checks on the first batch of each rank
+            if not logits:  # the first batch: the model's own error on a bad input is one
+                # line, then the start-point checks
+                out = _first_forward(model, name, x, batches)
                 warnings += start_point_warnings(model, name, x, batches[b][1].to(device))
-            out = model(x)
+            else:
+                out = model(x)
             nan = nan + out.isnan().any(1).sum()
             if twin is not None:
                 ratio = torch.maximum(ratio, screened_ratio(twin, x, x.roll(1, 0), out, out.roll(1, 0)))
