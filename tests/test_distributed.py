@@ -210,7 +210,7 @@ name = "pgd"
 steps = 2
 rel_stepsize = 0.5
 random_start = true
-restarts = 2
+n_restarts = 2
 """
 
 

@@ -285,6 +285,13 @@ def test_ensemble_outputs_and_datasets(models, data):
     assert math.isnan(H.model_bound(H.Ensemble([a, b]), SHAPE).value)
 
 
+def test_old_parameter_names_are_accepted_with_a_note(caplog):
+    with caplog.at_level("WARNING"):
+        spec = H.make_spec("square", 0.1, queries=7, restarts=2)
+    assert spec.kwargs["n_queries"] == 7 and spec.kwargs["n_restarts"] == 2
+    assert "'queries' is now 'n_queries'" in caplog.text
+
+
 def test_specs_and_suites(tmp_path):
     suite = H.load_suite(Path(__file__).parents[1] / "attacks" / "mnist.toml")
     pgd = [s for s in suite.specs if s.name == "pgd"]

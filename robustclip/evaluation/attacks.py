@@ -81,7 +81,9 @@ class SearchCW(torchattacks.CW):
     1e-6 before atanh, and each sample keeps its own c: c grows 10x while the attack
     fails, then bisects between the largest failing and smallest succeeding c.  The
     result per sample is the smallest successful perturbation over all searches (x itself
-    where none succeeded).  ``search_steps=1`` is the fixed-c attack.
+    where none succeeded).  ``search_steps=1`` is the fixed-c attack.  An edge pixel starts
+    at w = +-7.25 and Adam moves w by about ``lr`` per step: it takes a few hundred steps
+    to move, so keep ``steps`` near C&W's own (1000 and more).
     """
 
     def __init__(self, model: nn.Module, c: float, kappa: float, steps: int, lr: float,
