@@ -27,6 +27,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/harness_overhead.py
+	$(PY) bench/standard_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

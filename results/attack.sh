@@ -14,9 +14,12 @@ run() {  # run OUT_DIR COMMAND...
   echo "$*" --out "$out" > "$out/command.txt"
   machine > "$out/machine.txt"
 }
-main() {
-  run results/mnist-simpleconv $rc attack $R/none-s1 $R/fastclip-s1 $R/fastclip-composite-s1 $R/miyato-s1 $R/gouk-s1 \
-      --suite attacks/mnist-results.toml --limit 1000 --seed 0
+main() {  # the standard evaluation (500 images: the cascade on 5 models x 6 budgets, CPU)
+  local models="$R/none-s1 $R/fastclip-s1 $R/fastclip-composite-s1 $R/miyato-s1 $R/gouk-s1"
+  run results/mnist-simpleconv $rc attack $models --suite attacks/mnist-results.toml --limit 500 --seed 0
+  .venv/bin/python results/compare_l2.py $models --limit 500 --out results/mnist-simpleconv
+  echo ".venv/bin/python results/compare_l2.py $models --limit 500 --out results/mnist-simpleconv" \
+      >> results/mnist-simpleconv/command.txt
 }
 transfer() {
   run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/none-s3 $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 \

@@ -49,6 +49,24 @@ def inconsistencies(rows: list[dict]) -> list[str]:
                 problems.append(f"{where}: Lipschitz bound {bound} < empirical {empirical}")
         if row.get("n", 0) <= 0:
             problems.append(f"{where}: no samples")
+        kind = row.get("bound_kind")
+        if kind is not None and kind not in ("exact", "upper", "given") and cert:
+            problems.append(f"{where}: certified {cert} from a bound that is only an {kind}")
+    return problems
+
+
+def weaker_than_reference(rows: list[dict]) -> list[str]:
+    """Cells where the standard evaluation leaves more robust than PGD at the same model,
+    norm and eps (the cascade must be at least as strong as any one of its rivals)."""
+    if rows and "source" in rows[0]:
+        return []  # a transfer table
+    problems = []
+    standard = {(r["model"], r["norm"], r["eps"]): r["robust_acc"] for r in rows
+                if r["attack"] == "standard"}
+    for r in rows:
+        key = (r["model"], r["norm"], r["eps"])
+        if r["attack"].startswith("pgd") and key in standard and standard[key] > r["robust_acc"] + 1e-12:
+            problems.append(f"{key}: standard {standard[key]} > {r['attack']} {r['robust_acc']}")
     return problems
 
 
@@ -66,6 +84,11 @@ def test_checker_catches_each_kind_of_inconsistency():
     assert inconsistencies([wb, tr]) == []
     assert inconsistencies([wb, {**tr, "accuracy": 0.95}])
     assert inconsistencies([wb, {**tr, "accuracy": -0.1}])
+    assert inconsistencies([{**good, "bound_kind": "estimate"}])
+    assert inconsistencies([{**good, "bound_kind": "estimate", "certified_acc": 0.0}]) == []
+    std = {**good, "attack": "standard", "robust_acc": 0.3}
+    assert weaker_than_reference([std, {**good, "attack": "pgd-50", "robust_acc": 0.3}]) == []
+    assert weaker_than_reference([std, {**good, "attack": "pgd-50", "robust_acc": 0.2}])
 
 
 HARD_WARNINGS = ("pixel range", "farther than eps", "NaN", "not deterministic", "training mode",
@@ -81,7 +104,24 @@ def test_results_table_is_consistent(path):
     assert hard == [], f"{path}: sanity checks failed: {hard[:3]}"
     for name in ("command.txt", "machine.txt"):
         assert (path.parent / name).exists(), f"{path.parent} lacks {name}: how was it made?"
+    assert weaker_than_reference(rows) == []
 
+
+INDEPENDENT = sorted(RESULTS.rglob("independent_l2.csv"))
+
+
+@pytest.mark.parametrize("path", INDEPENDENT, ids=[str(p.relative_to(RESULTS)) for p in INDEPENDENT])
+def test_standard_l2_is_not_above_independent_attacks(path):
+    """No L2 cell of the standard evaluation is more than 0.5 points above what foolbox's
+    FMN-L2 (200 steps) and L2 PGD (100 steps) leave on the same images."""
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert rows
+    for r in rows:
+        best = min(float(r["fmn_l2_200"]), float(r["pgd_l2_100"]))
+        assert float(r["standard"]) <= best + 0.005, r
 
 def test_results_readme_is_what_summarize_renders():
     """results/README.md is generated, never edited by hand: it must equal a fresh render."""
