@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
+from typing import Callable
 
 import torch
 
@@ -32,3 +34,37 @@ def sync(device: torch.device) -> None:
     """Wait for the device (CUDA work is asynchronous), so that timings are complete."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def interleaved(sides: dict[str, Callable[..., tuple[float, float]]], work: tuple, rounds: int,
+                log: logging.Logger) -> dict[str, float]:
+    """Run each side ``rounds`` times, alternating; each call returns (seconds, robust
+    accuracy).  Returns the median seconds per side."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, run in sides.items():
+            seconds, accuracy = run(*work)
+            times[name].append(seconds)
+            log.info("round %d %-10s %.3f s  robust accuracy %.4f", r + 1, name, seconds, accuracy)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def print_ratio(median: dict[str, float], ours: str, bare: str, what: dict[str, str]) -> float:
+    """Print both medians and the ratio ours / bare against the 5% goal; return the ratio."""
+    width = max(map(len, what.values()))
+    for name in (bare, ours):
+        print(f"{what[name]:<{width}}  {median[name]:.3f} s (median)")
+    ratio = median[ours] / median[bare]
+    print(f"{'ratio':<{width}}  {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f}%, goal <= +5%)")
+    return ratio
+
+
+def bare_accuracy(model, attack, x, y, batch_size: int, device: torch.device) -> float:
+    """Robust accuracy of a torchattacks ``attack`` run batch by batch, as a user writes it."""
+    correct = torch.zeros((), device=device)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        xb, yb = xb.to(device), yb.to(device)
+        adv = attack(xb, yb)
+        with torch.no_grad():
+            correct += (model(adv).argmax(1) == yb).sum()
+    return float(correct) / len(x)

@@ -14,7 +14,6 @@ is timed separately.  Goal: overhead <= 5%.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import torch
@@ -36,13 +35,7 @@ def bare_loop(model, x, y, eps: float, steps: int, batch_size: int, device) -> t
     common.sync(device)
     start = time.perf_counter()
     attack = torchattacks.PGD(model, eps=eps, alpha=eps / 10, steps=steps, random_start=True)
-    correct = torch.zeros((), device=device)
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        xb, yb = xb.to(device), yb.to(device)
-        adv = attack(xb, yb)
-        with torch.no_grad():
-            correct += (model(adv).argmax(1) == yb).sum()
-    accuracy = float(correct) / len(x)
+    accuracy = common.bare_accuracy(model, attack, x, y, batch_size, device)
     return time.perf_counter() - start, accuracy
 
 
@@ -70,22 +63,15 @@ def main(argv: list[str] | None = None) -> float:
     work = (model, x, y, args.eps, args.steps, args.batch_size, device)
     bare_loop(*work)  # warm-up (allocator, cuDNN autotuning)
     harness_run(*work)
-    times: dict[str, list[float]] = {"bare": [], "harness": []}
-    for r in range(args.rounds):
-        for name, run in (("bare", bare_loop), ("harness", harness_run)):
-            seconds, accuracy = run(*work)
-            times[name].append(seconds)
-            log.info("round %d %-8s %.3f s  robust accuracy %.4f", r + 1, name, seconds, accuracy)
+    median = common.interleaved({"bare": bare_loop, "harness": harness_run}, work,
+                                args.rounds, log)
     start = time.perf_counter()
     lipschitz_report(model, x.shape[1:])
     bound_seconds = time.perf_counter() - start
-    median = {k: statistics.median(v) for k, v in times.items()}
-    ratio = median["harness"] / median["bare"]
     print(f"device {device}, {args.samples} samples, batch {args.batch_size}, PGD-{args.steps}, "
           f"{args.rounds} rounds, {torch.get_num_threads()} threads")
-    print(f"bare torchattacks loop  {median['bare']:.3f} s (median)")
-    print(f"robustclip harness      {median['harness']:.3f} s (median)")
-    print(f"ratio harness / bare    {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f}%, goal <= +5%)")
+    ratio = common.print_ratio(median, "harness", "bare", {"bare": "bare torchattacks loop",
+                                                           "harness": "robustclip harness"})
     print(f"Lipschitz bound (once per model, not in the ratio): {bound_seconds:.2f} s")
     return ratio
 

@@ -20,7 +20,6 @@ Without it, an untrained simpleconv on synthetic MNIST-shaped images.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import torch
@@ -49,13 +48,8 @@ def bare_loop(model, x, y, eps: float, norm: str, batch_size: int, device) -> tu
                          n_classes=n_classes, seed=0),
         torchattacks.Square(model, norm=norm, eps=eps, n_queries=5000, n_restarts=1, seed=0),
     ])
-    correct = torch.zeros((), device=device)
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        xb, yb = xb.to(device), yb.to(device)
-        adv = attack(xb, yb)
-        with torch.no_grad():
-            correct += (model(adv).argmax(1) == yb).sum()
-    return time.perf_counter() - start, float(correct) / len(x)
+    accuracy = common.bare_accuracy(model, attack, x, y, batch_size, device)
+    return time.perf_counter() - start, accuracy
 
 
 def robustclip_run(model, x, y, eps: float, norm: str, batch_size: int, device) -> tuple[float, float]:
@@ -86,21 +80,14 @@ def main(argv: list[str] | None = None) -> float:
     for p in model.parameters():
         p.requires_grad_(False)
     work = (model, x, y, args.eps, args.norm, args.batch_size, device)
-    times: dict[str, list[float]] = {"bare": [], "robustclip": []}
-    for r in range(args.rounds):
-        for name, run in (("bare", bare_loop), ("robustclip", robustclip_run)):
-            seconds, accuracy = run(*work)
-            times[name].append(seconds)
-            log.info("round %d %-10s %.2f s  robust accuracy %.4f", r + 1, name, seconds, accuracy)
-    median = {k: statistics.median(v) for k, v in times.items()}
-    ratio = median["robustclip"] / median["bare"]
+    median = common.interleaved({"bare": bare_loop, "robustclip": robustclip_run}, work,
+                                args.rounds, log)
     print(f"device {device}, {args.run or 'untrained simpleconv'}, {args.samples} samples, "
           f"batch {args.batch_size}, standard {args.norm} eps {args.eps:g}, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
-    print(f"bare torchattacks MultiAttack  {median['bare']:.2f} s (median)")
-    print(f"robustclip standard cascade    {median['robustclip']:.2f} s (median)")
-    print(f"ratio robustclip / bare        {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f}%, goal <= +5%)")
-    return ratio
+    return common.print_ratio(median, "robustclip", "bare",
+                              {"bare": "bare torchattacks MultiAttack",
+                               "robustclip": "robustclip standard cascade"})
 
 
 if __name__ == "__main__":

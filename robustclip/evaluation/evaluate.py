@@ -338,10 +338,10 @@ def _combine(evaluation: Evaluation, suite: str | None) -> None:
         if len(members) < 2:
             continue
         first = members[0]
+        robust = torch.stack([m.robust for m in members]).all(0)
         evaluation.results.append(AttackResult(
             model, first.method, "suite", suite or "all-attacks", norm, eps,
-            {"attacks": [m.attack for m in members]}, first.seed, first.clean,
-            torch.stack([m.robust for m in members]).all(0), first.certified,
-            sum(m.seconds for m in members), first.lipschitz_bound, first.lipschitz_empirical,
-            first.ensemble_output, int((first.clean & ~torch.stack([m.robust for m in members]).all(0)).sum()),
-            "", first.bound_kind))
+            {"attacks": [m.attack for m in members]}, first.seed, first.clean, robust,
+            first.certified, sum(m.seconds for m in members), first.lipschitz_bound,
+            first.lipschitz_empirical, first.ensemble_output,
+            int((first.clean & ~robust).sum()), "", first.bound_kind))
