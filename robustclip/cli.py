@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from robustclip import __version__
 from robustclip.errors import RobustclipError
 
 
@@ -31,6 +32,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(__version__, prog_name="robustclip")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """robustclip: clip spectral norms during training, then attack and certify."""

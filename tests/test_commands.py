@@ -232,3 +232,16 @@ def test_evaluate_bad_input_is_one_line(models, data, bad, message):
     with pytest.raises(RobustclipError, match=message) as err:
         evaluate({"a": models["a"]}, x, y, [make_spec("fgsm", 0.1)], bounds=False)
     assert "\n" not in str(err.value)
+
+
+def test_version_and_help_need_no_torch():
+    """--help and --version answer without importing torch (the slow part of a start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from robustclip.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); v = CliRunner().invoke(main, ['--version']); "
+            "assert r.exit_code == 0 and 'attack' in r.output, r.output; "
+            "assert v.output.strip() == 'robustclip, version 0.1.0', v.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
