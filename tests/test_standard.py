@@ -355,9 +355,19 @@ def test_attack_output_checks_fire(models, data, monkeypatch):
     x, y = data
     monkeypatch.setitem(ATTACKS, "broken", AttackDef("Linf", {}, _Broken))
     ev = H.evaluate({"a": models["a"]}, x[:20], y[:20], [H.make_spec("broken", 0.01)], bounds=False)
+    assert torch.equal(ev.results[0].robust, ev.results[0].clean)  # no broken example counts
     text = _messages(ev)
     for message in ("leave the pixel range", "farther than eps", "NaN in the adversarial example"):
         assert message in text
+
+
+def test_a_cascade_counts_no_broken_example_and_says_so(models, data, monkeypatch):
+    x, y = data
+    monkeypatch.setitem(ATTACKS, "broken", AttackDef("Linf", {}, _Broken))
+    cascade = H.cascade_of([H.make_spec("broken", 0.01, "c:broken")], "c")
+    ev = H.evaluate({"a": models["a"]}, x[:20], y[:20], [cascade], bounds=False)
+    assert torch.equal(ev.results[-1].robust, ev.results[-1].clean)  # nothing counted
+    assert "left the eps ball" in _messages(ev)
 
 
 def test_revived_mode_and_no_bound_warnings_fire(models, data, monkeypatch):

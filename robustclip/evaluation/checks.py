@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustclip.evaluation.attacks import ATTACKS, AttackSpec
-from robustclip.evaluation.craft import distance
+from robustclip.evaluation.craft import distance, eps_limit
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Tally:
         dist = distance(x_adv, x, self.spec.norm)
         checks = {
             "range": ((x_adv < 0) | (x_adv > 1)).flatten(1).any(1),
-            "eps": dist > self.spec.eps + 1e-6,
+            "eps": dist > eps_limit(self.spec.eps),
             "nan": x_adv.isnan().flatten(1).any(1) | logits_adv.isnan().any(1),
             "revived": ~clean & adv_correct,
         }
@@ -65,7 +65,8 @@ class Tally:
             out.append(f"{c['range']} adversarial examples leave the pixel range [0, 1]")
         if c.get("eps"):
             out.append(f"{c['eps']} adversarial examples are farther than eps from their input "
-                       f"(largest {spec.norm} distance {float(self.worst):.6g} > {spec.eps:g} + 1e-6)")
+                       f"(largest {spec.norm} distance {float(self.worst):.6g} > {spec.eps:g} + rounding); "
+                       "they do not count as successes")
         if c.get("nan"):
             out.append(f"{c['nan']} samples have NaN in the adversarial example or its logits")
         if c.get("revived"):
@@ -85,6 +86,19 @@ def mode_warning(model: nn.Module, name: str, where: str) -> SanityWarning | Non
     model.eval()
     return SanityWarning(f"model was in training mode {where} ({', '.join(training[:3])}"
                          f"{', ...' if len(training) > 3 else ''}); put back in eval mode", name)
+
+
+def discarded_warnings(model: str, discarded: dict[Any, Any]) -> list[SanityWarning]:
+    """Cascade stages whose examples fooled the model outside the rules (beyond eps, out
+    of [0, 1], NaN): they were not counted, but the attack is broken."""
+    out = []
+    for spec, count in discarded.items():
+        if int(count):
+            out.append(SanityWarning(
+                f"{int(count)} adversarial examples fooled the model but left the eps ball or "
+                "[0, 1], or held NaN: not counted (the attack is broken)", model, spec.label,
+                spec.eps))
+    return out
 
 
 def clean_warnings(model: str, out_of_range: int, nan: int) -> list[SanityWarning]:

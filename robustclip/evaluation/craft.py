@@ -97,7 +97,8 @@ def distance(x_adv: Tensor, x: Tensor, norm: str) -> Tensor:
 
 
 def adversarial(model: nn.Module, specs: Sequence[Spec], x: Tensor, y: Tensor, seed: int,
-                batch: int, clean: Tensor | None = None) -> dict[Spec, Tensor]:
+                batch: int, clean: Tensor | None = None,
+                discarded: dict[Spec, Tensor] | None = None) -> dict[Spec, Tensor]:
     """x_adv per result key (:func:`stages`) for one batch of one attack run (:func:`runs`).
 
     ``specs`` is one bounded spec; or every eps of one eps-free attack (CW): run once,
@@ -105,10 +106,13 @@ def adversarial(model: nn.Module, specs: Sequence[Spec], x: Tensor, y: Tensor, s
     :class:`Cascade`: its attacks in turn on the points still robust (``clean``: the
     clean correctness (n,), bool; default: the model's predictions on x), x_adv after
     each stage under the member's key and the final one under the cascade's.
+    ``discarded`` (member -> count, on the device) adds up the examples a cascade stage
+    made that fooled the model but left the eps ball or [0, 1], or held NaN: they do not
+    count, and :func:`~robustclip.evaluation.checks.discarded_warnings` reports them.
     """
     first = specs[0]
     if isinstance(first, Cascade):
-        return _cascade(model, first, x, y, seed, batch, clean)
+        return _cascade(model, first, x, y, seed, batch, clean, discarded)
     x_adv = craft(model, first, x, y, craft_seed(seed, first, batch))
     if first.eps_bound:
         return {first: x_adv}
@@ -117,7 +121,7 @@ def adversarial(model: nn.Module, specs: Sequence[Spec], x: Tensor, y: Tensor, s
 
 
 def _cascade(model: nn.Module, cascade: Cascade, x: Tensor, y: Tensor, seed: int, batch: int,
-             clean: Tensor | None) -> dict[Spec, Tensor]:
+             clean: Tensor | None, discarded: dict[Spec, Tensor] | None) -> dict[Spec, Tensor]:
     """Each member on the points still robust; an example counts only if it fools the model
     within the eps ball and [0, 1] (one host sync per stage, to pick the points)."""
     with torch.no_grad():
@@ -129,14 +133,29 @@ def _cascade(model: nn.Module, cascade: Cascade, x: Tensor, y: Tensor, seed: int
             adv = craft(model, member, x[todo], y[todo], craft_seed(seed, member, batch))
             with torch.no_grad():
                 logits = model(adv)
-            valid = ((distance(adv, x[todo], member.norm) <= member.eps * (1 + 1e-6) + 1e-7)
-                     & ((adv >= 0) & (adv <= 1)).flatten(1).all(1) & ~adv.isnan().flatten(1).any(1))
-            fooled = valid & ((logits.argmax(1) != y[todo]) | logits.isnan().any(1))
+            valid = within_rules(adv, x[todo], member.norm, member.eps)
+            wrong = (logits.argmax(1) != y[todo]) | logits.isnan().any(1)
+            fooled = valid & wrong
+            if discarded is not None:
+                discarded[member] = discarded.get(member, 0) + (wrong & ~valid).sum()
             x_adv[todo[fooled]] = adv[fooled]
             robust[todo[fooled]] = False
         out[member] = x_adv.clone()
     out[cascade] = x_adv
     return out
+
+
+def eps_limit(eps: float) -> float:
+    """The largest distance that counts as within ``eps``: float32 pixels round by up to
+    3e-8 each, about 1e-6 in L2 over an MNIST image."""
+    return eps * (1 + 1e-6) + 1e-6
+
+
+def within_rules(x_adv: Tensor, x: Tensor, norm: str, eps: float) -> Tensor:
+    """Per sample (n,), bool: x_adv lies in [0, 1] without NaN and within
+    :func:`eps_limit` of x in ``norm``; only such an example may count as a success."""
+    return ((distance(x_adv, x, norm) <= eps_limit(eps))
+            & ((x_adv >= 0) & (x_adv <= 1)).flatten(1).all(1))
 
 
 def stages(group: Sequence[Spec]) -> list[Spec]:

@@ -34,10 +34,12 @@ from robustclip.empirical import screened_ratio
 from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError
 from robustclip.evaluation.cascade import Cascade
-from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, mode_warning,
+from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, discarded_warnings,
+                                          mode_warning,
                                           rising_with_eps, square_stronger, start_point_warnings,
                                           weaker_than_fgsm)
-from robustclip.evaluation.craft import Spec, adversarial, evaluating, row_params, runs, stages
+from robustclip.evaluation.craft import (Spec, adversarial, evaluating, row_params, runs, stages,
+                                         within_rules)
 from robustclip.evaluation.ensemble import SOUND, Bound, meta_name, model_bound
 from robustclip.spectral import float64_twin, module_device
 
@@ -258,10 +260,11 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
         keys = stages(group)
         tallies = {s: Tally(s) for s in keys}
         correct: dict[Spec, dict[int, Tensor]] = {s: {} for s in keys}
+        discarded: dict[Spec, Tensor] = {}
         for b in mine:
             x, y = (t.to(device) for t in batches[b])
             ok, out_clean = (t[starts[b]:starts[b + 1]] for t in (clean.correct, clean.logits))
-            advs = adversarial(model, group, x, y, seed, b, ok)
+            advs = adversarial(model, group, x, y, seed, b, ok, discarded)
             mode = mode_warning(model, name, f"after {group[0].label}")
             if mode:
                 warnings.append(mode)
@@ -271,8 +274,10 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
                     adv_ok = predicted_correct(out, y)
                     tallies[s].add(x, x_adv, out, ok, adv_ok)
                     ratio = torch.maximum(ratio, screened_ratio(twin, x_adv, x, out, out_clean))
-                    correct[s][b] = adv_ok
+                    # an example outside the rules (warned by the tally) breaks nothing
+                    correct[s][b] = adv_ok | ~within_rules(x_adv, x, s.norm, s.eps)
             bar.update()
+        warnings.extend(discarded_warnings(name, discarded))  # per rank; gathered at the end
         if ctx.distributed:
             ratio = _share_run(ctx, device, keys, correct, tallies, ratio)
         robust = {s: (clean.correct & torch.cat([c[b] for b in range(len(batches))])).cpu()
