@@ -156,7 +156,10 @@ def lipschitz_command(runs: Sequence[str], limit: int | None, batch_size: int, s
         _echo(format_table(layers[label]))
         rows.append(summary)
     summary = pd.concat(rows, ignore_index=True)
-    _echo("\nbound: product/sum of layer sigmas (an upper bound); empirical: largest "
-          "||f(x)-f(x')|| / ||x-x'|| over test pairs and PGD-L2 pairs (a lower bound)")
+    _echo("\nsigma: PowerQR's estimate (a lower bound); sigma_upper: exact or a guaranteed "
+          "upper bound; bound: product/sum of sigma_upper (bound_kind upper: a guaranteed "
+          "upper bound; estimate: some layer had only PowerQR's value, no certificate); "
+          "empirical: largest ||f(x)-f(x')|| / ||x-x'|| over test pairs and PGD-L2 pairs "
+          "(a lower bound)")
     _echo(format_table(summary))
     return summary

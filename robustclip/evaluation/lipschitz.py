@@ -24,7 +24,7 @@ def lipschitz_summary(models: Mapping[str, nn.Module], images: Tensor, labels: T
     """Per model: Lipschitz bound against the empirical ratio over neighbouring test pairs
     and (x, x_adv) pairs of a 10-step PGD-L2 at ``l2_eps``.
 
-    Returns (summary with model, bound, empirical, bound_over_empirical, seconds;
+    Returns (summary with model, bound, bound_kind, empirical, bound_over_empirical, seconds;
     label -> per-layer DataFrame from ``lipschitz_report``).
     """
     spec = make_spec("pgdl2", l2_eps, steps=10)
@@ -41,7 +41,9 @@ def lipschitz_summary(models: Mapping[str, nn.Module], images: Tensor, labels: T
                 x, y = x.to(device), y.to(device)
                 x_adv = adversarial(model, [spec], x, y, seed, b)[spec]
                 ratio = torch.maximum(ratio, exact_pair_ratios(twin, x_adv, x).max())  # all pairs
-        rows.append({"model": name, "bound": bound, "empirical": float(ratio),
+        rows.append({"model": name, "bound": bound,
+                     "bound_kind": layers[name].attrs.get("bound_kind", "estimate"),
+                     "empirical": float(ratio),
                      "bound_over_empirical": bound / float(ratio) if float(ratio) > 0 else math.nan,
                      "seconds": time.perf_counter() - start})
     return pd.DataFrame(rows), layers
