@@ -387,7 +387,20 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
     finally:
         if writer is not None:
             writer.close()
+    if ctx.main:
+        _warn_if_never_clipped(model, global_step)
     return out
+
+
+def _warn_if_never_clipped(model: nn.Module, steps: int) -> None:
+    """A clipping method whose run ended before its first clip event trained as ``none``:
+    say so (a short run with the tutorial's init_delay of 500 steps, say)."""
+    idle = [w.name for w in wrappers(model)
+            if w.clip is not None and w.clip_events and steps <= w.init_delay]
+    if idle:
+        log.warning("the run ended after %d training steps, before the first clip event of %s "
+                    "(method.init_delay=%d): nothing was clipped, the model trained as 'none'",
+                    steps, ", ".join(idle), wrappers(model)[0].init_delay)
 
 
 def _log_tensorboard(writer: Any, row: dict[str, Any], model: nn.Module, step: int) -> None:

@@ -262,3 +262,13 @@ def test_shipped_configs_parse_and_round_trip(path):
     assert from_dict(tomllib.loads(to_toml(config))) == config
     model, _, method = path.stem.partition("-")[2].partition("-")
     assert (config.method.name, config.model.name.split("-")[0]) == (method, model)
+
+
+def test_a_run_that_never_clipped_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="robustclip.train"):
+        train(tiny("fastclip", "method.init_delay=100"), tmp_path / "idle")
+    assert "before the first clip event" in caplog.text and "trained as 'none'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="robustclip.train"):
+        train(tiny("fastclip"), tmp_path / "clipped")  # init_delay 1 of 3 steps
+    assert "before the first clip event" not in caplog.text
