@@ -14,12 +14,22 @@ run() {  # run OUT_DIR COMMAND...
   echo "$*" --out "$out" > "$out/command.txt"
   machine > "$out/machine.txt"
 }
-main() {  # the standard evaluation (500 images: the cascade on 5 models x 6 budgets, CPU)
-  local models="$R/none-s1 $R/fastclip-s1 $R/fastclip-composite-s1 $R/miyato-s1 $R/gouk-s1"
-  run results/mnist-simpleconv $rc attack $models --suite attacks/mnist-results.toml --limit 500 --seed 0
-  .venv/bin/python results/compare_l2.py $models --limit 500 --out results/mnist-simpleconv
-  echo ".venv/bin/python results/compare_l2.py $models --limit 500 --out results/mnist-simpleconv" \
-      >> results/mnist-simpleconv/command.txt
+main() {  # the standard evaluation, one model per command (run two at a time on 2 cores), merged
+  local models="none-s1 fastclip-s1 fastclip-composite-s1 miyato-s1 gouk-s1" out=results/mnist-simpleconv
+  local cmds=() folders=()
+  for m in $models; do
+    cmds+=("$rc attack $R/$m --suite attacks/mnist-results.toml --limit 100 --seed 0 --out runs/eval/$m")
+    folders+=("runs/eval/$m")
+  done
+  rm -rf runs/eval "$out"
+  printf '%s\n' "${cmds[@]}" | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{} > /dev/null'
+  .venv/bin/python results/merge.py "${folders[@]}" --out "$out"
+  .venv/bin/python results/compare_l2.py $(printf "$R/%s " $models) --limit 100 --out "$out"
+  { printf '%s\n' "${cmds[@]}"
+    echo ".venv/bin/python results/merge.py ${folders[*]} --out $out"
+    echo ".venv/bin/python results/compare_l2.py $(printf "$R/%s " $models)--limit 100 --out $out"
+  } > "$out/command.txt"
+  machine > "$out/machine.txt"
 }
 transfer() {
   run results/transfer $rc transfer $R/none-s1 $R/none-s2 $R/none-s3 $R/fastclip-s1 $R/fastclip-s2 $R/fastclip-s3 \

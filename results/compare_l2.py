@@ -2,7 +2,7 @@
 L2 PGD (100 steps) on the same images as the headline table, beside the standard
 evaluation's robust accuracy from that table.
 
-    .venv/bin/python results/compare_l2.py RUN... --limit 500 --out results/mnist-simpleconv
+    .venv/bin/python results/compare_l2.py RUN... --limit 100 --out results/mnist-simpleconv
 
 Writes independent_l2.csv: model, eps, standard (from results.json), fmn_l2_200,
 pgd_l2_100 (foolbox), and standard minus the lower of the two.  tests/test_results.py
