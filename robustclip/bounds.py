@@ -416,11 +416,13 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float
         like = next(iter([*model.parameters(), *model.buffers()]), torch.zeros(()))
         example = torch.zeros((1, *shape), device=like.device,
                               dtype=like.dtype if like.is_floating_point() else torch.float32)
+        try:  # the model's own error on this shape, in one line (fx would print a traceback)
+            model(example)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RobustclipError(f"model fails on input shape {shape}: {first}") from None
         prop = _ValueProp(gm, dependent)
-        try:
-            prop.propagate(example)
-        except Exception as err:  # the model's own error on this shape
-            raise RobustclipError(f"model fails on input shape {shape}: {' '.join(str(err).split())}") from None
+        prop.propagate(example)
         walker = _Walker(gm, prop.values, dependent, tol, iters, exact_max_dim,
                          exact_max_entries, seed)
         bound = walker.run()

@@ -434,3 +434,10 @@ def test_an_operator_without_upper_bound_makes_the_network_an_estimate():
     # with its Gram matrix (input 36 <= exact_max_dim) the same operator is exact
     _, small = lipschitz_report(model, SHAPE)
     assert set(small["bound_kind"]) == {"exact"} and small.attrs["bound_kind"] == "upper"
+
+
+def test_a_wrong_input_shape_is_one_line_without_traceback(capfd):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    with pytest.raises(RobustclipError, match=r"model fails on input shape \(3, 28, 28\): .*channels"):
+        lipschitz_report(model, (3, 28, 28))
+    assert "Traceback" not in capfd.readouterr().err
