@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from robustclip.errors import RobustclipError
+from robustclip.files import describe
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,8 @@ def broadcast(tensors: Sequence[Tensor], ctx: Context) -> None:
 
 
 def on_main(ctx: Context, fn: Callable[[], T]) -> T:
-    """``fn()`` run on rank 0, its result sent to every rank; its RobustclipError raised on all."""
+    """``fn()`` run on rank 0, its result sent to every rank; its RobustclipError (or
+    OSError: a full disk, a read-only directory) raised on all, as one line."""
     if not ctx.distributed:
         return fn()
     box: list[Any] = [None]
@@ -284,6 +286,8 @@ def on_main(ctx: Context, fn: Callable[[], T]) -> T:
             box[0] = (fn(), None)
         except RobustclipError as err:
             box[0] = (None, str(err))
+        except OSError as err:
+            box[0] = (None, describe(err))
     dist.broadcast_object_list(box, 0)
     result, error = box[0]
     if error is not None:

@@ -6,6 +6,7 @@ bare ``python -m robustclip`` processes, and torchrun itself for the CLI.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from robustclip.checkpoint import read_checkpoint
 from robustclip.cli import main
 from robustclip.config import Config, override, to_toml
 from robustclip.data import DatasetInfo
-from robustclip.distributed import Context, epoch_batches, launch, my_batches, part
+from robustclip.distributed import Context, epoch_batches, launch, my_batches, on_main, part
 from robustclip.errors import RobustclipError
 from robustclip.models import MODELS, Normalize
 from robustclip.train import train
@@ -297,3 +298,20 @@ def test_killed_rank_makes_the_other_exit_with_an_error(tmp_path, victim):
             p.kill()
             p.wait()
     assert read_checkpoint(tmp_path / "run")["epoch"] >= 0
+
+
+def _disk_full_on_main(rank: int, dump: Path) -> None:
+    def write() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(dump / "last.pt"))
+    with launch(torch.device("cpu"), "gloo") as ctx:
+        try:
+            on_main(ctx, write)
+        except RobustclipError as err:
+            (dump / f"rank{rank}.txt").write_text(str(err))
+
+
+def test_an_os_error_on_rank_0_is_one_line_on_every_rank(tmp_path):
+    run_ranks(_disk_full_on_main, tmp_path)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == \
+            f"{tmp_path / 'last.pt'}: No space left on device (ENOSPC)"
