@@ -236,41 +236,57 @@ def _worst(table: pd.DataFrame) -> pd.DataFrame:
     return table.loc[table.groupby(["model", "norm", "eps"])["robust_acc"].idxmin()]
 
 
+_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
 def plot_robust_vs_eps(table: pd.DataFrame, norm: str, path: str) -> None:
-    """Robust accuracy against eps: a colour per model, a line style per attack; each line
-    starts at eps 0 with the model's clean accuracy."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Robust accuracy against eps: a colour per model, a line style and a marker per
+    attack (cascade stages, '<cascade>:<attack>', are left out: their cascade's line is
+    the worst case); each line starts at eps 0 with the model's clean accuracy.  The
+    legend sits outside the axes."""
+    table = table[~table["attack"].str.contains(":", regex=False)]
     models = list(dict.fromkeys(table["model"]))
     attacks = list(dict.fromkeys(table["attack"]))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
-    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
     for (model, attack), part in table.groupby(["model", "attack"], sort=False):
         part = part.sort_values("eps")
         eps = [0.0, *part["eps"]] if part["eps"].min() > 0 else list(part["eps"])
         acc = [part["clean_acc"].iloc[0], *part["robust_acc"]] if part["eps"].min() > 0 \
             else list(part["robust_acc"])
-        ax.plot(eps, acc, marker="o", ms=3, color=colours(models.index(model) % colours.N),
-                ls=styles[attacks.index(attack) % len(styles)], label=f"{model} / {attack}")
+        k = attacks.index(attack)
+        ax.plot(eps, acc, marker=_MARKERS[k % len(_MARKERS)], ms=4,
+                color=colours(models.index(model) % colours.N), ls=_STYLES[k % len(_STYLES)],
+                label=f"{model} / {attack}")
     ax.set(xlabel=f"eps ({norm}, pixel units; 0: clean)", ylabel="robust accuracy",
            ylim=(-0.02, 1.02), title=f"Robust accuracy vs {norm} eps")
-    ax.legend(fontsize="x-small", loc="upper right", ncol=1 if len(models) * len(attacks) <= 12 else 2)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              ncol=1 if len(models) * len(attacks) <= 20 else 2)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 
 def plot_robust_vs_lipschitz(table: pd.DataFrame, path: str) -> None:
-    """Worst-case robust accuracy against each model's Lipschitz bound, one series per eps."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Worst-case robust accuracy against each model's Lipschitz bound, one series per
+    (norm, eps); models at the same point share one label (no overprinting)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     worst = _worst(table[table["lipschitz_bound"].notna()])
+    labels: dict[tuple[float, float], list[str]] = {}
     for (norm, eps), part in worst.groupby(["norm", "eps"]):
         part = part.sort_values("lipschitz_bound")
         ax.plot(part["lipschitz_bound"], part["robust_acc"], marker="o", label=f"{norm} eps={eps:g}")
         for _, r in part.iterrows():
-            ax.annotate(r["model"], (r["lipschitz_bound"], r["robust_acc"]), fontsize="x-small")
+            names = labels.setdefault((round(r["lipschitz_bound"], 3), round(r["robust_acc"], 3)), [])
+            if r["model"] not in names:
+                names.append(r["model"])
+    for (bound, acc), names in labels.items():
+        ax.annotate(", ".join(names), (bound, acc), fontsize="x-small", xytext=(3, 3),
+                    textcoords="offset points")
     ax.set(xscale="log", xlabel="Lipschitz bound (L2, logits)", ylabel="robust accuracy (worst attack)",
            ylim=(-0.02, 1.02), title="Robust accuracy vs Lipschitz bound")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
@@ -281,11 +297,13 @@ def write_transfer(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarn
     written = write_table(out, table, warnings, "Transfer results",
                           ["accuracy: target correct on x and on x_adv crafted on source; "
                            "diagonal = white-box; 'surrogate': crafted on all other models"])
-    for (attack, eps), part in table[table.kind != "surrogate"].groupby(["attack", "eps"]):
-        matrix = part.pivot(index="source", columns="target", values="accuracy")
+    for (attack, norm, eps), part in table[table.kind != "surrogate"].groupby(
+            ["attack", "norm", "eps"], sort=False):
+        order = list(dict.fromkeys(part["source"]))  # the models in the order given
+        matrix = part.pivot(index="source", columns="target", values="accuracy").loc[order, order]
         name = f"transfer_{attack}_{eps:g}.png".replace("/", "-").replace(" ", "")
-        written.append(atomic_write(out / name, lambda tmp, m=matrix, a=attack, e=eps:
-                               plot_matrix(m, f"{a} eps={e:g}", tmp)))
+        written.append(atomic_write(out / name, lambda tmp, m=matrix, a=attack, n=norm, e=eps:
+                                    plot_matrix(m, f"{a}, {n} eps={e:g}", tmp)))
     return _final(written)
 
 
