@@ -17,17 +17,15 @@ run() {  # run OUT_DIR COMMAND...
 main() {  # the standard evaluation, one model per command (run two at a time on 2 cores), merged
   local models="none-s1 fastclip-s1 fastclip-composite-s1 miyato-s1 gouk-s1" out=results/mnist-simpleconv
   local cmds=() folders=()
-  for m in $models; do
-    cmds+=("$rc attack $R/$m --suite attacks/mnist-results.toml --limit 100 --seed 0 --out runs/eval/$m")
+  for m in $models; do  # per model: the standard evaluation, then foolbox's L2 attacks beside it
+    cmds+=("$rc attack $R/$m --suite attacks/mnist-results.toml --limit 100 --seed 0 --out runs/eval/$m && .venv/bin/python results/compare_l2.py $R/$m --limit 100 --out runs/eval/$m")
     folders+=("runs/eval/$m")
   done
   rm -rf runs/eval "$out"
   printf '%s\n' "${cmds[@]}" | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{} > /dev/null'
   .venv/bin/python results/merge.py "${folders[@]}" --out "$out"
-  .venv/bin/python results/compare_l2.py $(printf "$R/%s " $models) --limit 100 --out "$out"
   { printf '%s\n' "${cmds[@]}"
     echo ".venv/bin/python results/merge.py ${folders[*]} --out $out"
-    echo ".venv/bin/python results/compare_l2.py $(printf "$R/%s " $models)--limit 100 --out $out"
   } > "$out/command.txt"
   machine > "$out/machine.txt"
 }

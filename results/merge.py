@@ -1,6 +1,7 @@
 """Merge the results folders of several `robustclip attack` runs (one model each, run side
 by side on a 2-core machine) into one folder: the rows in the given order, each with the
-warnings its own run gave it, and the same files and plots one command would write.
+warnings its own run gave it, and the same files and plots one command would write (and
+their independent_l2.csv of results/compare_l2.py, joined).
 
     .venv/bin/python results/merge.py FOLDER... --out results/mnist-simpleconv
 
@@ -41,6 +42,10 @@ def main() -> None:
         atomic_write(out / f"robust_vs_eps_{norm}.png",
                      lambda tmp, p=part, n=norm: plot_robust_vs_eps(p, n, tmp))
     atomic_write(out / "robust_vs_lipschitz.png", lambda tmp: plot_robust_vs_lipschitz(table, tmp))
+    independent = [Path(f) / "independent_l2.csv" for f in args.folders]
+    if all(f.exists() for f in independent):  # results/compare_l2.py of each folder
+        both = pd.concat([pd.read_csv(f) for f in independent], ignore_index=True)
+        atomic_write(out / "independent_l2.csv", lambda tmp: both.to_csv(tmp, index=False))
 
 
 if __name__ == "__main__":
