@@ -4,6 +4,7 @@ a click shell over these; ``report.py`` only renders and writes.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import click
@@ -11,13 +12,13 @@ import pandas as pd
 
 from robustclip.checkpoint import load_runs
 from robustclip.data import test_set
-from robustclip.distributed import current, on_main
+from robustclip.distributed import current
 from robustclip.errors import RobustclipError
 from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning, check_one_dataset,
                                    evaluate, lipschitz_summary, load_suite, specs_for,
                                    transfer)
 from robustclip.evaluation.attacks import CW_EPS_NOTE
-from robustclip.report import (format_table, prepare_out_dir, results_table, write_results,
+from robustclip.report import (format_table, results_table, write_results,
                                write_transfer, writes_results)
 
 
@@ -67,8 +68,8 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
     """
     specs, suite_name = _specs(eps, attacks, suite, norm, "quick" if quick else "standard",
                                {"steps": steps, "n_restarts": n_restarts})
-    out_dir = on_main(current(), lambda: prepare_out_dir(out, overwrite)) if out else None
-    out_dir = out_dir if current().main else None  # under torchrun rank 0 alone writes
+    # ``out``: the fresh directory @writes_results locked and checked; rank 0 alone writes
+    out_dir = Path(out) if out and current().main else None
     models = load_runs(runs, device)
     if ensemble:
         check_one_dataset(list(models.values()))
@@ -120,7 +121,7 @@ def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequenc
     by default, the standard for transfer)."""
     specs, _ = _specs(eps, attacks, suite, norm, "pgd" if norm != "L2" else "pgdl2",
                       {"steps": steps, "n_restarts": n_restarts})
-    out_dir = prepare_out_dir(out, overwrite) if out else None
+    out_dir = Path(out) if out else None  # prepared by @writes_results
     models = load_runs(runs, device)
     dataset = check_one_dataset(list(models.values()))
     result = transfer(models, *test_set(dataset, limit, data_dir), specs,
