@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.passes.shape_prop import ShapeProp
 
-from robustclip.errors import RobustclipError
+from robustclip.errors import RobustclipError, first_line
 from robustclip.spectral import (
     _BATCHNORMS,
     _CONVS,
@@ -419,7 +419,7 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float
         try:  # the model's own error on this shape, in one line (fx would print a traceback)
             model(example)
         except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise RobustclipError(f"model fails on input shape {shape}: {first}") from None
         prop = _ValueProp(gm, dependent)
         prop.propagate(example)

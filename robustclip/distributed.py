@@ -61,7 +61,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from robustclip.errors import RobustclipError
+from robustclip.errors import RobustclipError, first_line
 from robustclip.files import describe
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def launch(device: torch.device, backend: str | None = None) -> Iterator[Context
                                     device_id=device if device.type == "cuda" else None)
         except (RuntimeError, ValueError) as err:
             raise RobustclipError(f"rank {rank}: cannot join the process group of {world} ranks "
-                                  f"within {timeout:g} s: {_first_line(err)}") from None
+                                  f"within {timeout:g} s: {first_line(err)[:300]}") from None
     package = logging.getLogger("robustclip")
     level = package.level
     if rank:
@@ -208,17 +208,12 @@ def launch(device: torch.device, backend: str | None = None) -> Iterator[Context
         if not _is_comm_failure(err):
             raise
         raise RobustclipError(f"rank {rank}: lost the other ranks (one exited, or none answered "
-                              f"within {timeout:g} s; ${ENV_TIMEOUT}): {_first_line(err)}") from None
+                              f"within {timeout:g} s; ${ENV_TIMEOUT}): {first_line(err)[:300]}") from None
     finally:
         _ACTIVE.pop()
         package.setLevel(level)
         if owned:
             dist.destroy_process_group()
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------------------- sharding

@@ -25,7 +25,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from robustclip.clip import SpectralClip
 from robustclip.data import DatasetInfo, dataset_info
-from robustclip.errors import RobustclipError
+from robustclip.errors import RobustclipError, first_line
 
 
 class Normalize(nn.Module):
@@ -263,6 +263,6 @@ def build_model(name: str, dataset: str, method: str = "none",
     try:
         model = MODELS[name](info, **model_args)
     except (TypeError, ValueError, RuntimeError) as err:  # unknown name; a value torch refuses
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise RobustclipError(f"model {name!r}: bad argument(s) {model_args}: {first}") from None
     return apply_method(model, method, method_args)
