@@ -113,8 +113,10 @@ def clean_warnings(model: str, out_of_range: int, nan: int) -> list[SanityWarnin
     return [SanityWarning(m, model) for m in out]
 
 
-def start_point_warnings(model: nn.Module, name: str, x: Tensor, y: Tensor) -> list[SanityWarning]:
-    """AutoAttack's checks on one batch at the start point x (n, C, H, W), labels y (n,):
+def start_point_warnings(model: nn.Module, name: str, x: Tensor, y: Tensor,
+                         first: Tensor) -> list[SanityWarning]:
+    """AutoAttack's checks on one batch at the start point x (n, C, H, W), labels y (n,),
+    ``first`` = model(x) from an earlier call (compared with this one's):
 
     * outputs that change between two identical calls (randomness: a stochastic defence
       needs EOT, and a deterministic table needs a deterministic model);
@@ -131,10 +133,8 @@ def start_point_warnings(model: nn.Module, name: str, x: Tensor, y: Tensor) -> l
         grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x0,
                                     allow_unused=True)
     logits = logits.detach()
-    with torch.no_grad():
-        again = model(x)
-    spread = float((again - logits).abs().nan_to_num(0).max())
-    flips = int((again.argmax(1) != logits.argmax(1)).sum())
+    spread = float((first - logits).abs().nan_to_num(0).max())
+    flips = int((first.argmax(1) != logits.argmax(1)).sum())
     if flips or spread > 1e-5 * max(float(logits.abs().nan_to_num(0).max()), 1.0):
         out.append(f"model outputs are not deterministic: two passes of one batch differ by "
                    f"up to {spread:.3g} and change {flips} of {len(x)} predictions "

@@ -141,7 +141,7 @@ def _cascade(model: nn.Module, cascade: Cascade, x: Tensor, y: Tensor, seed: int
             x_adv[todo[fooled]] = adv[fooled]
             robust[todo[fooled]] = False
         out[member] = x_adv.clone()
-    out[cascade] = x_adv
+    out[cascade] = out[cascade.members[-1]]  # the same tensor: callers may score it once
     return out
 
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from robustclip.certificates import certified, linf_to_l2
 from robustclip.empirical import screened_ratio
 from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
-from robustclip.errors import RobustclipError
+from robustclip.errors import RobustclipError, first_line
 from robustclip.evaluation.cascade import Cascade
 from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, discarded_warnings,
                                           mode_warning,
@@ -131,7 +131,7 @@ def _first_forward(model: nn.Module, name: str, x: Tensor,
     except torch.OutOfMemoryError:
         raise
     except (IndexError, RuntimeError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise RobustclipError(f"model {name} fails on input shape {tuple(x.shape[1:])}: {first}") from None
     top = max(int(y.max()) for _, y in batches)
     if out.dim() != 2 or top >= out.shape[1]:
@@ -162,7 +162,7 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
             if not logits:  # the first batch: the model's own error on a bad input is one
                 # line, then the start-point checks
                 out = _first_forward(model, name, x, batches)
-                warnings += start_point_warnings(model, name, x, batches[b][1].to(device))
+                warnings += start_point_warnings(model, name, x, batches[b][1].to(device), out)
             else:
                 out = model(x)
             nan = nan + out.isnan().any(1).sum()
@@ -268,12 +268,15 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
             mode = mode_warning(model, name, f"after {group[0].label}")
             if mode:
                 warnings.append(mode)
+            scored: dict[int, tuple[Tensor, Tensor]] = {}  # a cascade's last stage is its result
             with torch.no_grad():
                 for s, x_adv in advs.items():
-                    out = model(x_adv)
-                    adv_ok = predicted_correct(out, y)
+                    if id(x_adv) not in scored:
+                        out = model(x_adv)
+                        ratio = torch.maximum(ratio, screened_ratio(twin, x_adv, x, out, out_clean))
+                        scored[id(x_adv)] = out, predicted_correct(out, y)
+                    out, adv_ok = scored[id(x_adv)]
                     tallies[s].add(x, x_adv, out, ok, adv_ok)
-                    ratio = torch.maximum(ratio, screened_ratio(twin, x_adv, x, out, out_clean))
                     # an example outside the rules (warned by the tally) breaks nothing
                     correct[s][b] = adv_ok | ~within_rules(x_adv, x, s.norm, s.eps)
             bar.update()
