@@ -40,7 +40,8 @@ def _specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None,
                                   "a --suite: set the parameter in the suite file")
         loaded = load_suite(suite, list(eps) or None, list(attacks) or None, norm)
         if not loaded.specs:
-            raise RobustclipError(f"suite {suite} has no {norm} attacks")
+            among = f" among {', '.join(attacks)}" if attacks else ""
+            raise RobustclipError(f"suite {suite} has no {norm} attacks{among}")
         return list(loaded.specs), loaded.name
     if not eps:
         raise RobustclipError("give --eps (one or more) or a --suite")

@@ -118,7 +118,8 @@ def load_suite(path: str | Path, eps: Sequence[float] | None = None,
     if doc.get("cascade", False) is True:
         specs = _as_cascades(specs, suite_name)
     if only is not None:
-        missing = [n for n in only if n not in {s.name for s in specs} | {s.label for s in specs}]
+        known = {e["name"] for e in entries} | set(labels)  # before the norm filter
+        missing = [n for n in only if n not in known]
         if missing:
             raise RobustclipError(f"attack {missing[0]!r} is not in suite {path}; it has: "
                                   f"{', '.join(dict.fromkeys(labels))}")
