@@ -413,3 +413,43 @@ def _estimate(model, shape):
     rows.attrs["bound_kind"] = "estimate"
     return bound, rows
 
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: H.make_cascade("strong", 0.1), "unknown cascade 'strong'; valid: standard, quick"),
+    (lambda: H.cascade_of([], "c"), "cascade 'c' has no attacks"),
+    (lambda: H.cascade_of([H.make_spec("pgd", 0.1), H.make_spec("pgd", 0.2)], "c"),
+     "cascade 'c' mixes norms or eps"),
+    (lambda: H.cascade_of([H.make_spec("cw", 1.0)], "c"), "cw is not bounded by eps"),
+    (lambda: H.specs_for(["fgsm"], [0.1], n_queries=5), "no attack among fgsm takes 'n_queries'"),
+    (lambda: H.specs_for(["nope"], [0.1]), "unknown attack 'nope'; valid attacks: standard, quick"),
+])
+def test_cascade_and_attack_list_errors_are_one_line(call, message):
+    with pytest.raises(RobustclipError, match=message.replace("(", r"\(")):
+        call()
+
+
+def test_a_cascade_suite_cannot_hold_a_cascade(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('cascade = true\n[eps]\nLinf = [0.1]\n[[attack]]\nname = "standard"\n')
+    with pytest.raises(RobustclipError, match="cannot hold the cascade 'standard'"):
+        H.load_suite(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eps", "8/0"], "is not a number or a fraction like 8/255"),
+    (["--eps", "0.1", "--suite", str(ROOT / "attacks" / "standard.toml"), "--steps", "5"],
+     "--steps does not apply to a --suite"),
+    (["--suite", str(ROOT / "attacks" / "mnist.toml"), "--norm", "L2", "--attack", "pgd"],
+     "attacks/mnist.toml has no L2 attacks among pgd"),
+    (["--suite", str(ROOT / "attacks" / "mnist.toml"), "--attack", "pgdd"],
+     "attack 'pgdd' is not in suite"),
+])
+def test_cli_attack_list_errors(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from robustclip.cli import main
+
+    result = CliRunner().invoke(main, ["attack", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output + result.stderr
