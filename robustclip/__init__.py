@@ -11,6 +11,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _WHERE = {
+    "clip_model": "robustclip.api",
+    "evaluate": "robustclip.api",
+    "lipschitz": "robustclip.api",
+    "Lipschitz": "robustclip.api",
     "load": "robustclip.checkpoint",
     "SpectralClip": "robustclip.clip",
     "SpectralNorm": "robustclip.clip",

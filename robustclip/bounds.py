@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.passes.shape_prop import ShapeProp
+from tqdm import tqdm
 
 from robustclip.errors import RobustclipError, first_line
 from robustclip.spectral import (
@@ -163,8 +164,9 @@ class _Walker:
 
     def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], dependent: set[fx.Node],
                  tol: float, iters: int | None, exact_max_dim: int, exact_max_entries: int,
-                 seed: int) -> None:
+                 seed: int, progress: str = "") -> None:
         self.gm, self.values, self.dependent = gm, values, dependent
+        self.progress = progress  # the bar's title; "" shows none
         self.tol, self.iters, self.seed = tol, iters, seed
         self.exact_max_dim, self.exact_max_entries = exact_max_dim, exact_max_entries
         self.L: dict[fx.Node, float] = {}
@@ -250,7 +252,10 @@ class _Walker:
         if len(placeholders) != 1:
             raise RobustclipError(f"cannot bound a model with {len(placeholders)} inputs; it must take one tensor")
         deferred: set[fx.Node] = set()
-        for node in self.gm.graph.nodes:
+        nodes = tqdm(self.gm.graph.nodes, total=len(self.gm.graph.nodes), desc=self.progress,
+                     unit="op", disable=not self.progress, leave=False)
+        for node in nodes:
+            nodes.set_postfix_str(str(node.target)[-30:], refresh=False)
             if node.op == "placeholder":
                 self.L[node] = 1.0
             elif node.op == "output":
@@ -388,7 +393,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float = 1e-6,
                      iters: int | None = None, exact_max_dim: int = 1024,
-                     exact_max_entries: int = 2**22, seed: int = 0) -> tuple[float, pd.DataFrame]:
+                     exact_max_entries: int = 2**22, seed: int = 0,
+                     progress: str = "") -> tuple[float, pd.DataFrame]:
     """L2 Lipschitz bound of ``model`` from its input (float), and per-layer rows.
 
     input_shape: one input without batch dim, e.g. (1, 28, 28), in the model's input
@@ -397,7 +403,8 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float
     exact_max_dim: the exact sigma of an operator without an exact formula (the top
     eigenvalue of the float64 Gram matrix A^T A, see ``spectral.gram_matrix``) is
     computed only when its input has at most this many values; exact_max_entries: output
-    values per chunk of that computation (memory).
+    values per chunk of that computation (memory).  progress: a title for a progress bar
+    over the graph's operators (on stderr; "" shows none).
 
     Rows (pandas.DataFrame), one per measured operator: name, type, input_shape, sigma
     (PowerQR estimate, a lower bound), rel_change, iterations, sigma_exact (exact sigma
@@ -424,7 +431,7 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float
         prop = _ValueProp(gm, dependent)
         prop.propagate(example)
         walker = _Walker(gm, prop.values, dependent, tol, iters, exact_max_dim,
-                         exact_max_entries, seed)
+                         exact_max_entries, seed, progress)
         bound = walker.run()
     rows = pd.DataFrame(walker.rows, columns=_COLUMNS)
     rows.attrs["bound_kind"] = network_bound_kind(rows)

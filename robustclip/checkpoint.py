@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from robustclip.errors import RobustclipError
+from robustclip.errors import RobustclipError, first_line
 from robustclip.files import atomic_write, resolve_device
 
 FORMAT = "robustclip-checkpoint"
@@ -138,3 +138,69 @@ def load_runs(runs: Sequence[str], device: str | None = None) -> dict[str, nn.Mo
         if not getattr(models[label], "robustclip_meta", {}).get("dataset"):
             raise RobustclipError(f"checkpoint {run} does not record its dataset")
     return models
+
+
+def load_factory(spec: str, weights: str | Path | None, dataset: str,
+                 device: str | torch.device | None = None) -> tuple[str, nn.Module]:
+    """(label, model in eval mode) from your own code: ``spec`` 'pkg.module:factory' names
+    a callable returning an nn.Module whose input is images in [0, 1] (the normalisation
+    inside the model); the current directory is searched first, as by ``python -m``.
+
+    weights: a state dict file (or a dict holding one under 'state_dict', a robustclip
+    checkpoint included), loaded with ``torch.load(weights_only=True)`` and strictly.
+    dataset: the dataset it classifies (recorded as ``robustclip_meta['dataset']``).
+    """
+    import importlib
+    import sys
+
+    from robustclip.data import dataset_info
+
+    dataset_info(dataset)  # an unknown name fails before any import
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RobustclipError(f"--model {spec!r}: give it as pkg.module:factory")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except ImportError as err:
+        raise RobustclipError(f"--model {spec}: cannot import {module_name}: {err}") from None
+    except AttributeError:
+        raise RobustclipError(f"--model {spec}: {module_name} has no {attr}") from None
+    if not callable(factory):
+        raise RobustclipError(f"--model {spec}: {attr} is not callable")
+    try:
+        model = factory()
+    except Exception as err:  # the user's code: any failure is one line
+        raise RobustclipError(f"--model {spec}: {attr}() failed: {first_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise RobustclipError(f"--model {spec}: {attr}() returned {type(model).__name__}, not an nn.Module")
+    if weights is not None:
+        _load_weights(model, Path(weights))
+    model.robustclip_meta = {"dataset": dataset, "model": spec, "method": ""}
+    return attr.rpartition(".")[2], model.to(device or "cpu").eval()
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    """Load a state dict file (or a dict with 'state_dict') into ``model``, strictly."""
+    if not path.is_file():
+        raise RobustclipError(f"--weights {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RobustclipError(f"refusing to load --weights {path}: it is not plain tensor data "
+                              "(save it with torch.save(model.state_dict(), path))") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise RobustclipError(f"--weights {path} is corrupt or not a torch file: "
+                              f"{first_line(err)[:120]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RobustclipError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise RobustclipError(f"--weights {path} do not fit the model: "
+                              f"{' '.join(str(err).split())[:200]}") from None

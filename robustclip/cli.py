@@ -7,6 +7,7 @@ size limit) becomes one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -140,16 +141,12 @@ class _Eps(click.ParamType):
     name = "eps"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        text = str(value).strip()
+        from robustclip.files import parse_fraction
+
         try:
-            if "/" in text:
-                num, den = text.split("/")
-                return float(num) / float(den)
-            return float(text)
-        except (ValueError, ZeroDivisionError):
-            self.fail(f"{value!r} is not a number or a fraction like 8/255", param, ctx)
+            return parse_fraction(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 _RUNS = click.argument("runs", nargs=-1, required=True, type=click.Path())
@@ -193,29 +190,77 @@ def _with(options):
     return apply
 
 
+def _default_out() -> str:
+    """A new folder robustclip-out/<UTC time>[-N] for an attack run without --out."""
+    import time
+    from pathlib import Path
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RobustclipError("under torchrun give --out: each rank would pick its own folder")
+    base = Path("robustclip-out") / time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime())
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return str(out)
+
+
 @main.command(name="attack")
-@_RUNS
+@click.argument("runs", nargs=-1, type=click.Path())
 @_with(_EVAL_OPTIONS)
 @click.option("--quick", is_flag=True,
               help="Default cascade APGD-CE + APGD-T only (a first look, not the standard).")
 @click.option("--ensemble", is_flag=True, help="Also attack the ensemble of all RUNs.")
+@click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
+              help="Your own model: a callable returning an nn.Module on images in [0, 1] "
+                   "(the current directory is searched first); needs --dataset.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="State dict for --model (torch.load(weights_only=True)).")
+@click.option("--dataset", default=None, help="Dataset of --model: mnist, fashion-mnist or cifar10.")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the interrupted evaluation in DIR, with the settings it was "
+                   "started with (only --device may change).")
+@click.option("--save-adversarial", is_flag=True,
+              help="Also write the adversarial examples of every row (adversarial/<model>.pt).")
 @_BACKEND
-def attack_cmd(backend: str | None, **options) -> None:
+@click.pass_context
+def attack_cmd(ctx: click.Context, backend: str | None, resume: str | None, **options) -> None:
     """Attack each RUN (run dir or checkpoint) on its test set; print and save the table.
 
     Without --attack or --suite: the standard evaluation, AutoAttack's cascade (APGD-CE,
     APGD-T, FAB-T, Square; each attack only on the points still robust) in --norm.
 
+    Results go to --out (default: a new folder robustclip-out/<time>): results.csv/.json/.md,
+    samples.csv (per sample) and plots.  Every finished batch is kept there meanwhile, so
+    an interrupted run continues with --resume DIR.
+
     Under torchrun the batches are shared among the ranks (--device cuda: one GPU per
     rank); rank 0 prints and writes the table, the same as one process would.
     """
+    from click.core import ParameterSource
+
+    if resume:
+        given = [f"--{k.replace('_', '-')}" if k != "runs" else "RUNs" for k in options
+                 if k != "device" and ctx.get_parameter_source(k) is not ParameterSource.DEFAULT]
+        if given:
+            raise RobustclipError(f"--resume takes the settings of the interrupted evaluation; "
+                                  f"drop {', '.join(given)}")
+    else:
+        options["out"] = options["out"] or _default_out()
+    out = resume or options["out"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"writing to {out} (if interrupted: robustclip attack --resume {out})")
+
+    from robustclip.commands import attack_command, saved_settings
     from robustclip.distributed import launch
-    from robustclip.commands import attack_command
     from robustclip.files import resolve_device
 
-    with launch(resolve_device(options["device"] or "cpu"), backend) as ctx:
+    if resume:
+        options = saved_settings(resume) | {"device": options["device"], "out": resume,
+                                            "overwrite": False, "resume": True}
+    with launch(resolve_device(options["device"] or "cpu"), backend) as launched:
         if options["device"]:
-            options["device"] = str(ctx.device)  # under torchrun: cuda -> cuda:LOCAL_RANK
+            options["device"] = str(launched.device)  # under torchrun: cuda -> cuda:LOCAL_RANK
         attack_command(**options)
 
 

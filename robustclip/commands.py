@@ -4,13 +4,16 @@ a click shell over these; ``report.py`` only renders and writes.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import click
 import pandas as pd
+import torch.nn as nn
+from torch import Tensor
 
-from robustclip.checkpoint import load_runs
+from robustclip.checkpoint import load_factory, load_runs
 from robustclip.data import test_set
 from robustclip.distributed import current
 from robustclip.errors import RobustclipError
@@ -18,8 +21,12 @@ from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning,
                                    evaluate, lipschitz_summary, load_suite, specs_for,
                                    transfer)
 from robustclip.evaluation.attacks import CW_EPS_NOTE
-from robustclip.report import (format_table, results_table, write_results,
-                               write_transfer, writes_results)
+from robustclip.evaluation.craft import Spec
+from robustclip.evaluation.journal import Journal
+from robustclip.files import write_text
+from robustclip.report import (JOURNAL, format_table, journal_dir, results_table, samples_table,
+                               write_adversarial, write_results, write_samples, write_transfer,
+                               writes_results)
 
 
 def _echo(text: str = "") -> None:
@@ -28,7 +35,7 @@ def _echo(text: str = "") -> None:
         click.echo(text)
 
 
-def _specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None,
+def attack_specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None,
            norm: str | None = None, default: str = "standard",
            overrides: Mapping[str, Any] | None = None) -> tuple[list, str | None]:
     """The specs of a command: a suite's, else each --attack (default ``default``) at each
@@ -55,40 +62,115 @@ def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:
             _echo(f"  - {w}")
 
 
+SETTINGS = "attack.json"
+"""The file of a journal folder that keeps the ``attack`` command's settings, so that
+``--resume OUT`` continues with the same ones."""
+
+
+def saved_settings(out: str | Path) -> dict[str, Any]:
+    """The settings an interrupted ``robustclip attack --out OUT`` was started with."""
+    path = Path(out) / JOURNAL / SETTINGS
+    if not path.is_file():
+        raise RobustclipError(f"--resume {out}: no interrupted evaluation there (no {JOURNAL}/{SETTINGS})")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise RobustclipError(f"--resume {out}: {path} is not the JSON robustclip wrote") from None
+
+
 @writes_results  # lock --out; write a fresh directory, swapped in whole at the end
 def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[str],
                    suite: str | None, limit: int | None, batch_size: int, seed: int,
                    device: str | None, ensemble: bool, ensemble_output: str,
                    out: str | None, overwrite: bool, data_dir: str | None,
                    norm: str | None = None, quick: bool = False, steps: int | None = None,
-                   n_restarts: int | None = None) -> pd.DataFrame:
+                   n_restarts: int | None = None, model: str | None = None,
+                   weights: str | None = None, dataset: str | None = None,
+                   resume: bool = False, save_adversarial: bool = False) -> pd.DataFrame:
     """``robustclip attack``: white-box attacks on each run (and their ensemble), per dataset.
 
     Without attacks or a suite: the standard cascade (AutoAttack's; ``quick``: APGD-CE and
-    APGD-T only) in ``norm`` (default Linf) at each eps.
+    APGD-T only) in ``norm`` (default Linf) at each eps.  ``model`` 'pkg.module:factory'
+    (with ``weights``, on ``dataset``) adds your own model to the runs.  With ``out``
+    every finished batch is journaled there; ``resume`` continues an interrupted
+    evaluation (:func:`saved_settings` gives the settings it was started with).
     """
-    specs, suite_name = _specs(eps, attacks, suite, norm, "quick" if quick else "standard",
+    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "resume", "device")}
+    specs, suite_name = attack_specs(eps, attacks, suite, norm, "quick" if quick else "standard",
                                {"steps": steps, "n_restarts": n_restarts})
-    # ``out``: the fresh directory @writes_results locked and checked; rank 0 alone writes
-    out_dir = Path(out) if out and current().main else None
+    if (model is None) != (dataset is None):
+        raise RobustclipError("--model pkg.module:factory needs --dataset (and --dataset a --model)")
+    if weights and not model:
+        raise RobustclipError("--weights goes with --model")
+    if not runs and not model:
+        raise RobustclipError("give RUNs (run dirs or checkpoints) or --model pkg.module:factory")
     models = load_runs(runs, device)
+    if model:
+        label, own = load_factory(model, weights, dataset, device)
+        if label in models:
+            raise RobustclipError(f"--model {model}: a run is already named {label}")
+        models[label] = own
     if ensemble:
         check_one_dataset(list(models.values()))
         models[f"ensemble({','.join(models)};{ensemble_output})"] = Ensemble(
             list(models.values()), ensemble_output)
     by_dataset: dict[str, dict] = {}
-    for label, model in models.items():
-        by_dataset.setdefault(model.robustclip_meta["dataset"], {})[label] = model
-    total = Evaluation([])
+    for label, m in models.items():
+        by_dataset.setdefault(m.robustclip_meta["dataset"], {})[label] = m
     data = {ds: test_set(ds, limit, data_dir) for ds in by_dataset}  # bad --limit fails early
+    return evaluate_and_write(by_dataset, data, specs, suite_name, batch_size=batch_size,
+                              seed=seed, ensemble_output=ensemble_output if ensemble else None,
+                              out=out, resume=resume,
+                              save_adversarial=save_adversarial, settings=settings)
+
+
+def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
+                       data: Mapping[str, tuple[Tensor, Tensor]], specs: Sequence[Spec],
+                       suite_name: str | None, *, batch_size: int, seed: int,
+                       ensemble_output: str | None, out: str | None, resume: bool = False,
+                       save_adversarial: bool = False,
+                       settings: Mapping[str, Any] | None = None,
+                       bounds: bool | Mapping[str, float] = True, echo: bool = True) -> pd.DataFrame:
+    """Evaluate each dataset's models on its (images, labels); print the table (``echo``)
+    and, with ``out`` (a :func:`~robustclip.report.results_dir`), write it with samples.csv
+    (and adversarial/), journaling every finished batch meanwhile (``settings``: what
+    ``--resume`` needs to continue).
+    ``bounds``: as :func:`~robustclip.evaluation.evaluate`'s."""
+    out_dir = Path(out) if out and current().main else None  # rank 0 alone writes
+    journal = None
+    if out:
+        journal = Journal(journal_dir(out))
+        if settings is not None and current().main and not resume:
+            write_text(journal.folder / SETTINGS, json.dumps(settings, indent=1) + "\n")
+    say = _echo if echo else (lambda text="": None)
+    total, samples = Evaluation([]), []
     for ds, group in by_dataset.items():
-        part = evaluate(group, *data[ds], specs, suite=suite_name, batch_size=batch_size,
-                        seed=seed, progress=True)
+        images, labels = data[ds]
+        part = evaluate(group, images, labels, specs, suite=suite_name, batch_size=batch_size,
+                        seed=seed, bounds=bounds, progress=echo, journal=journal,
+                        keep_adversarial=save_adversarial)
         total.results += part.results
         total.warnings += part.warnings
+        if out_dir:
+            samples.append(samples_table(part.results, labels))
+            if save_adversarial:
+                for path in write_adversarial(out_dir, part.results, labels):
+                    say(f"wrote {path}")
     table = results_table(total.results)
-    _echo(format_table(table))
-    _echo_warnings(total.warnings)
+    table.attrs["warnings"] = [str(w) for w in total.warnings]
+    say(format_table(table))
+    if echo:
+        _echo_warnings(total.warnings)
+    if out_dir:
+        for path in write_results(out_dir, table, total.warnings, _notes(specs, ensemble_output)):
+            say(f"wrote {path}")
+        for path in write_samples(out_dir, pd.concat(samples, ignore_index=True)):
+            say(f"wrote {path}")
+    return table
+
+
+def _notes(specs: Sequence[Spec], ensemble_output: str | None) -> list[str]:
+    """The notes under a results table: what its columns and rows mean."""
     notes = ["accuracies are fractions; robust = correct on x and on x_adv; a suite row is "
              "the per-sample worst case over its attacks; broken: the clean-correct samples "
              "the row's attack broke"]
@@ -102,13 +184,12 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
                  "exact or upper (a guaranteed bound); an estimate certifies nothing")
     if any(s.name == "cw" for s in specs):
         notes.append(f"CW eps: {CW_EPS_NOTE}")
-    if ensemble:
+    if ensemble_output:
         notes.append(f"ensemble output: {ensemble_output} ('softmax': log of the mean member "
                      "softmax, used for the loss; 'logits': mean of member logits)")
-    if out_dir:
-        for path in write_results(out_dir, table, total.warnings, notes):
-            _echo(f"wrote {path}")
-    return table
+    notes.append("samples.csv: one row per (table row, test sample): clean, robust, certified, "
+                 "the attack that broke it first and the norm of that perturbation")
+    return notes
 
 
 @writes_results
@@ -120,7 +201,7 @@ def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequenc
                      n_restarts: int | None = None) -> pd.DataFrame:
     """``robustclip transfer``: N x N transfer matrices and surrogate-ensemble rows (PGD
     by default, the standard for transfer)."""
-    specs, _ = _specs(eps, attacks, suite, norm, "pgd" if norm != "L2" else "pgdl2",
+    specs, _ = attack_specs(eps, attacks, suite, norm, "pgd" if norm != "L2" else "pgdl2",
                       {"steps": steps, "n_restarts": n_restarts})
     out_dir = Path(out) if out else None  # prepared by @writes_results
     models = load_runs(runs, device)

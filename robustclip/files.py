@@ -47,6 +47,13 @@ def _os_error(err: BaseException) -> OSError | None:
     return None
 
 
+def umask() -> int:
+    """The process umask (read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` with a temporary path beside ``path``, fsync it, rename it to
     ``path``; returns ``path``.  ``write`` may open ``tmp`` itself or hand it to a library
@@ -61,6 +68,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give what open() would
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -139,3 +147,17 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RobustclipError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def parse_fraction(text: str | float) -> float:
+    """A number given as text, or as a fraction like '8/255'; ValueError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    value = str(text).strip()
+    try:
+        if "/" in value:
+            num, den = value.split("/")
+            return float(num) / float(den)
+        return float(value)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{text!r} is not a number or a fraction like 8/255") from None

@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 from robustclip.errors import RobustclipError  # noqa: E402
 from robustclip.evaluation.checks import SanityWarning  # noqa: E402
 from robustclip.evaluation.evaluate import AttackResult  # noqa: E402
-from robustclip.files import TEMP_PREFIX, atomic_write, describe, write_text  # noqa: E402
+from robustclip.files import TEMP_PREFIX, atomic_write, describe, umask, write_text  # noqa: E402
 from robustclip.locks import locked  # noqa: E402
 
 COLUMNS = ["model", "method", "attack", "norm", "eps", "n", "clean_acc", "robust_acc",
@@ -94,7 +94,12 @@ _WORK = f"{TEMP_PREFIX}dir."
 """Sibling directories of a results directory being written start with this."""
 
 
-def _open_results(out: Path, overwrite: bool, stack: ExitStack) -> Path:
+JOURNAL = ".journal"
+"""The folder of a results directory that journals an evaluation while it runs
+(:class:`~robustclip.evaluation.journal.Journal`); gone once the results are in place."""
+
+
+def _open_results(out: Path, overwrite: bool, stack: ExitStack, resume: bool = False) -> Path:
     """Lock ``out`` (on ``stack``), check it, make the fresh sibling to write into."""
     if out.exists() and not out.is_dir():
         raise RobustclipError(f"--out {out} exists and is not a directory")
@@ -103,13 +108,20 @@ def _open_results(out: Path, overwrite: bool, stack: ExitStack) -> Path:
         stack.enter_context(locked(out, "results directory --out"))
         for left in out.parent.glob(f"{_WORK}{out.name}.*"):  # of a killed command
             shutil.rmtree(left, ignore_errors=True)
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
+        journal = out / JOURNAL
+        if resume and not journal.is_dir():
+            raise RobustclipError(f"--resume {out}: no interrupted evaluation there (no {JOURNAL} folder)")
+        if journal.is_dir() and not (resume or overwrite):
+            raise RobustclipError(f"--out {out} holds an interrupted evaluation: continue it with "
+                                  f"--resume {out}, or start again with --overwrite")
+        if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
             raise RobustclipError(f"--out {out} is not empty; pass --overwrite to replace its results")
+        if overwrite and not resume:
+            shutil.rmtree(journal, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f"{_WORK}{out.name}.", dir=out.parent))
         stack.callback(shutil.rmtree, work, ignore_errors=True)  # unless swapped into place
-        umask = os.umask(0)
-        os.umask(umask)  # mkdtemp makes 0700: give the mode a plain mkdir (or the old out) has
-        os.chmod(work, (out.stat().st_mode & 0o7777) if out.is_dir() else 0o777 & ~umask)
+        # mkdtemp makes 0700: give the mode a plain mkdir (or the old out) has
+        os.chmod(work, (out.stat().st_mode & 0o7777) if out.is_dir() else 0o777 & ~umask())
     except OSError as err:
         raise RobustclipError(f"cannot write --out {out}: {describe(err)}") from None
     return prepare_out_dir(work, overwrite=False)
@@ -130,7 +142,8 @@ def _swap(work: Path, out: Path) -> None:
 
 
 @contextmanager
-def results_dir(out: str | Path | None, overwrite: bool) -> Iterator[Path | None]:
+def results_dir(out: str | Path | None, overwrite: bool,
+                resume: bool = False) -> Iterator[Path | None]:
     """The directory to write a command's results into, for the whole command.
 
     Takes the lock of ``out`` (robustclip.locks), refuses a non-empty ``out`` unless
@@ -138,6 +151,11 @@ def results_dir(out: str | Path | None, overwrite: bool) -> Iterator[Path | None
     the block succeeds it replaces ``out`` whole (no file of earlier results survives),
     and when it fails ``out`` is left as it was.  ``out`` None yields None.  Under a
     process group rank 0 alone locks and swaps; every rank gets the same path.
+
+    An evaluation journals its finished batches in ``out``/:data:`JOURNAL`
+    (:func:`journal_dir`), which the final swap removes.  ``resume`` continues such an
+    interrupted evaluation (its journal is required); a journal without ``resume`` is
+    refused, and ``overwrite`` deletes it.
     """
     from robustclip.distributed import current, on_main
 
@@ -146,7 +164,7 @@ def results_dir(out: str | Path | None, overwrite: bool) -> Iterator[Path | None
         return
     out, ctx = Path(out).resolve(), current()
     with ExitStack() as stack:
-        work = on_main(ctx, lambda: _open_results(out, overwrite, stack))
+        work = on_main(ctx, lambda: _open_results(out, overwrite, stack, resume))
         _FINAL[work] = out
         stack.callback(_FINAL.pop, work, None)
         yield work
@@ -158,24 +176,35 @@ _FINAL: dict[Path, Path] = {}
 """Directory being written (a :func:`results_dir`) -> where it goes at the end."""
 
 
+def journal_dir(work: str | Path) -> Path:
+    """The journal folder of the results directory being written into ``work``."""
+    return _FINAL.get(Path(work), Path(work)) / JOURNAL
+
+
 def _final(paths: list[Path]) -> list[Path]:
     """Where ``paths`` (written into a :func:`results_dir`) will be once it is in place."""
-    return [_FINAL[p.parent] / p.name if p.parent in _FINAL else p for p in paths]
+    out = []
+    for p in paths:
+        work = next((parent for parent in p.parents if parent in _FINAL), None)
+        out.append(p if work is None else _FINAL[work] / p.relative_to(work))
+    return out
 
 
 T = TypeVar("T")
 
 
 def writes_results(command: Callable[..., T]) -> Callable[..., T]:
-    """Decorator: run ``command`` (with parameters ``out`` and ``overwrite``) inside
-    :func:`results_dir`, its ``out`` replaced by the directory to write into."""
+    """Decorator: run ``command`` (with parameters ``out``, ``overwrite`` and optionally
+    ``resume``) inside :func:`results_dir`, its ``out`` replaced by the directory to write
+    into."""
     signature = inspect.signature(command)
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> T:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        with results_dir(bound.arguments["out"], bool(bound.arguments["overwrite"])) as work:
+        with results_dir(bound.arguments["out"], bool(bound.arguments["overwrite"]),
+                         bool(bound.arguments.get("resume", False))) as work:
             bound.arguments["out"] = None if work is None else str(work)
             return command(*bound.args, **bound.kwargs)
     return run
@@ -229,6 +258,88 @@ def write_results(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarni
     if table["lipschitz_bound"].notna().any():
         written.append(atomic_write(out / "robust_vs_lipschitz.png",
                                lambda tmp: plot_robust_vs_lipschitz(table, tmp)))
+    return _final(written)
+
+
+SAMPLE_COLUMNS = ["model", "attack", "norm", "eps", "index", "label", "clean", "robust",
+                  "certified", "broken_by", "distance"]
+
+
+def _breakers(result: AttackResult, results: Sequence[AttackResult]) -> list[AttackResult]:
+    """The rows whose attacks stand behind ``result``, in the order they ran: a cascade's
+    stages (up to ``result`` for a stage row), a suite's attacks, or the row itself."""
+    same = [r for r in results if (r.model, r.norm, r.eps) == (result.model, result.norm, result.eps)]
+    if result.name == "cascade":
+        return [r for r in same if r.cascade == result.attack]
+    if result.cascade:
+        stages = [r for r in same if r.cascade == result.cascade]
+        return stages[:stages.index(result) + 1]
+    if result.name == "suite":
+        return [r for r in same if not r.cascade and r.attack in result.params.get("attacks", [])]
+    return [result]
+
+
+def samples_table(results: Sequence[AttackResult], labels: Any) -> pd.DataFrame:
+    """One row per (result row, test sample) with :data:`SAMPLE_COLUMNS`.
+
+    labels: the samples' labels (n,).  index: the sample's position in the evaluated set;
+    clean / robust: bool; certified: bool, or empty where no sound bound certifies;
+    broken_by: the attack that broke the sample first ('' where the sample stayed robust
+    or was misclassified clean); distance: the norm of that perturbation (in the row's
+    norm, pixel units; empty where not broken).
+    """
+    parts = []
+    labels = pd.Series(labels.cpu().numpy() if hasattr(labels, "cpu") else labels)
+    for r in results:
+        n = len(r.clean)
+        broken_by = pd.Series([""] * n, dtype=object)
+        for member in reversed(_breakers(r, results)):  # the first to break wins
+            broke = (r.clean & ~member.robust).numpy()
+            broken_by[broke] = member.attack
+        broken_by[r.robust.numpy()] = ""
+        parts.append(pd.DataFrame({
+            "model": r.model, "attack": r.attack, "norm": r.norm, "eps": r.eps,
+            "index": range(n), "label": labels[:n].to_numpy(), "clean": r.clean.numpy(),
+            "robust": r.robust.numpy(),
+            "certified": (pd.array([pd.NA] * n, dtype="boolean") if r.certified is None
+                          else r.certified.numpy()),
+            "broken_by": broken_by.to_numpy(),
+            "distance": (r.distance.numpy() if r.distance is not None else math.nan),
+        }))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SAMPLE_COLUMNS)
+
+
+def write_samples(out: Path, samples: pd.DataFrame) -> list[Path]:
+    """samples.csv: the per-sample results (:func:`samples_table`)."""
+    return _final([atomic_write(out / "samples.csv", lambda tmp: samples.to_csv(tmp, index=False))])
+
+
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -> list[Path]:
+    """adversarial/<model>.pt per model (``torch.load(weights_only=True)`` reads it): a dict
+    with labels (n,) and rows, each {attack, norm, eps, robust (n,), x_adv (n, C, H, W)}:
+    the examples each row scored (x itself where its attack left a sample alone)."""
+    import torch
+
+    by_model: dict[str, list[dict]] = {}
+    for r in results:
+        if r.adversarial is not None:
+            by_model.setdefault(r.model, []).append(
+                {"attack": r.attack, "norm": r.norm, "eps": r.eps, "robust": r.robust,
+                 "x_adv": r.adversarial})
+    written = []
+    for model, rows in by_model.items():
+        payload = {"model": model, "labels": labels[:len(rows[0]["robust"])].cpu(), "rows": rows}
+
+        def save(tmp: Path, payload: dict = payload) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+        path = out / "adversarial" / f"{_file_name(model)}.pt"
+        path.parent.mkdir(exist_ok=True)
+        written.append(atomic_write(path, save))
     return _final(written)
 
 

@@ -45,16 +45,27 @@ class Tally:
     def add(self, x: Tensor, x_adv: Tensor, logits_adv: Tensor, clean: Tensor,
             adv_correct: Tensor) -> None:
         """One batch: x, x_adv (n, C, H, W), logits of x_adv, clean and adv correctness (n,)."""
-        dist = distance(x_adv, x, self.spec.norm)
+        self.merge(*self.batch(x, x_adv, logits_adv, clean, adv_correct))
+
+    def batch(self, x: Tensor, x_adv: Tensor, logits_adv: Tensor, clean: Tensor,
+              adv_correct: Tensor, dist: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """One batch's counters and largest distance (0-dim tensors on the device), without
+        adding them; ``dist``: the per-sample distances in the spec's norm, if known."""
+        dist = distance(x_adv, x, self.spec.norm) if dist is None else dist
         checks = {
             "range": ((x_adv < 0) | (x_adv > 1)).flatten(1).any(1),
             "eps": dist > eps_limit(self.spec.eps),
             "nan": x_adv.isnan().flatten(1).any(1) | logits_adv.isnan().any(1),
             "revived": ~clean & adv_correct,
         }
-        for key, flags in checks.items():
-            self.counts[key] = self.counts.get(key, 0) + flags.sum()
-        self.worst = torch.maximum(torch.as_tensor(self.worst, device=dist.device), dist.max())
+        return {key: flags.sum() for key, flags in checks.items()}, dist.max()
+
+    def merge(self, counts: dict[str, Tensor | int], worst: Tensor | float) -> None:
+        """Add one batch's counters (:meth:`batch`, or the same read back from a journal)."""
+        for key, count in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + count
+        worst = torch.as_tensor(worst)
+        self.worst = torch.maximum(torch.as_tensor(self.worst, device=worst.device), worst)
 
     def warnings(self, model: str, certified_broken: int = 0) -> list[SanityWarning]:
         """The failed checks in plain words (reads the counters: one host sync)."""

@@ -151,10 +151,13 @@ def eps_limit(eps: float) -> float:
     return eps * (1 + 1e-6) + 1e-6
 
 
-def within_rules(x_adv: Tensor, x: Tensor, norm: str, eps: float) -> Tensor:
+def within_rules(x_adv: Tensor, x: Tensor, norm: str, eps: float,
+                 dist: Tensor | None = None) -> Tensor:
     """Per sample (n,), bool: x_adv lies in [0, 1] without NaN and within
-    :func:`eps_limit` of x in ``norm``; only such an example may count as a success."""
-    return ((distance(x_adv, x, norm) <= eps_limit(eps))
+    :func:`eps_limit` of x in ``norm``; only such an example may count as a success.
+    ``dist``: :func:`distance` of x_adv from x in ``norm``, if already known."""
+    dist = distance(x_adv, x, norm) if dist is None else dist
+    return ((dist <= eps_limit(eps))
             & ((x_adv >= 0) & (x_adv <= 1)).flatten(1).all(1))
 
 

@@ -21,8 +21,9 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from dataclasses import astuple, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,16 +32,17 @@ from tqdm import tqdm
 
 from robustclip.certificates import certified, linf_to_l2
 from robustclip.empirical import screened_ratio
-from robustclip.distributed import Context, all_gather, check_world, current, my_batches, on_main
+from robustclip.distributed import all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError, first_line
 from robustclip.evaluation.cascade import Cascade
 from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, discarded_warnings,
                                           mode_warning,
                                           rising_with_eps, square_stronger, start_point_warnings,
                                           weaker_than_fgsm)
-from robustclip.evaluation.craft import (Spec, adversarial, evaluating, row_params, runs, stages,
-                                         within_rules)
+from robustclip.evaluation.craft import (Spec, adversarial, distance, evaluating, row_params, runs,
+                                         stages, within_rules)
 from robustclip.evaluation.ensemble import SOUND, Bound, meta_name, model_bound
+from robustclip.evaluation.journal import Journal, cpu_copy, model_digest
 from robustclip.spectral import float64_twin, module_device
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,9 @@ class AttackResult:
     break).  cascade: the label of the cascade a member row belongs to ('' otherwise);
     its robust is the cumulative robustness after that stage.  bound_kind: 'exact',
     'upper', 'estimate' or 'none' (``bounds.lipschitz_report``); certificates rest only
-    on 'exact', 'upper' or user-given bounds.
+    on 'exact', 'upper' or user-given bounds.  distance (n,) float64: the norm of the
+    perturbation that broke each sample (NaN where this row broke nothing).
+    adversarial (n, C, H, W): the examples scored, when the evaluation keeps them.
     """
 
     model: str
@@ -78,6 +82,8 @@ class AttackResult:
     broken: int = 0
     cascade: str = ""
     bound_kind: str = "none"
+    distance: Tensor | None = None
+    adversarial: Tensor | None = None
 
 
 @dataclass
@@ -194,7 +200,8 @@ def l2_radius(norm: str, eps: float, shape: Sequence[int]) -> float:
 def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
              specs: Sequence[Spec], *, suite: str | None = None, batch_size: int = 256,
              seed: int = 0, bounds: bool | Mapping[str, float] = True,
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, journal: Journal | str | Path | None = None,
+             keep_adversarial: bool = False) -> Evaluation:
     """White-box evaluation of every model under every spec, per sample.
 
     models: label -> model (on its device; ``robustclip_meta`` gives method, ensemble).
@@ -206,8 +213,15 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
     bounds: True computes each model's Lipschitz bound (:func:`model_bound`); a mapping
         gives them (label -> bound, taken as guaranteed upper bounds); False skips bounds
         and certificates.
+    progress: a bar per (model, attack run), counting images.
+    journal: a :class:`~robustclip.evaluation.journal.Journal` (or its folder) that keeps
+        every finished batch; an evaluation rerun with the same journal loads them instead
+        of attacking again, and gives the same table.
+    keep_adversarial: keep each row's adversarial examples (``AttackResult.adversarial``).
     """
     batches, ctx = batches_of(images, labels, batch_size), current()
+    if journal is not None and not isinstance(journal, Journal):
+        journal = Journal(journal)
     check_world(ctx, len(images), "evaluation samples")
     if ctx.world_size > len(batches):
         log.warning("%d ranks for %d batches: ranks %d and up stay idle; use a smaller batch size",
@@ -215,7 +229,8 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
     evaluation = Evaluation([])
     for name, model in models.items():
         with evaluating(model):
-            _evaluate_model(name, model, batches, specs, seed, bounds, progress, evaluation)
+            _evaluate_model(name, model, batches, specs, seed, bounds, progress, evaluation,
+                            journal, keep_adversarial)
     if ctx.distributed:  # mode warnings are per rank; the others are the same on every rank
         evaluation.warnings = [w for part in all_gather(evaluation.warnings, ctx) for w in part]
     _combine(evaluation, suite)
@@ -226,104 +241,162 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
 
 
 def _bound_of(name: str, model: nn.Module, shape: Sequence[int],
-              bounds: bool | Mapping[str, float], warnings: list[SanityWarning]) -> Bound:
+              bounds: bool | Mapping[str, float], warnings: list[SanityWarning],
+              progress: bool = False) -> Bound:
     if isinstance(bounds, Mapping):
         value = float(bounds.get(name, math.nan))
         return Bound(value, "none" if math.isnan(value) else "given")
     if not bounds:
         return Bound(math.nan, "none")
     try:
-        return model_bound(model, shape)
+        return model_bound(model, shape, progress=f"{name} | Lipschitz bound" if progress else "")
     except RobustclipError as err:
         warnings.append(SanityWarning(f"no Lipschitz bound, so no certificate: {err}", name))
         return Bound(math.nan, "none")
 
 
+def _journaled_bound(name: str, model: nn.Module, shape: Sequence[int],
+                     bounds: bool | Mapping[str, float], warnings: list[SanityWarning],
+                     journal: Journal | None, digest: str, progress: bool) -> Bound:
+    """:func:`_bound_of`, kept in the journal when the bound is computed (minutes for a
+    large network)."""
+    if journal is None or bounds is not True:
+        return _bound_of(name, model, shape, bounds, warnings, progress)
+    key = journal.key(digest, "lipschitz bound", tuple(shape))
+    saved = journal.get(key)
+    if saved is not None:
+        return Bound(saved["value"], saved["kind"])
+    bound = _bound_of(name, model, shape, bounds, warnings, progress)
+    if bound.kind != "none":
+        journal.put(key, {"value": bound.value, "kind": bound.kind})
+    return bound
+
+
 def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
                     specs: Sequence[Spec], seed: int, bounds: bool | Mapping[str, float],
-                    progress: bool, evaluation: Evaluation) -> None:
+                    progress: bool, evaluation: Evaluation, journal: Journal | None,
+                    keep_adversarial: bool) -> None:
     device, ctx = module_device(model), current()
     meta = getattr(model, "robustclip_meta", {})
     shape = tuple(batches[0][0].shape[1:])
     warnings = evaluation.warnings
-    bound = on_main(ctx, lambda: _bound_of(name, model, shape, bounds, warnings))
+    digest = model_digest(model) if journal is not None else ""
+    bound = on_main(ctx, lambda: _journaled_bound(name, model, shape, bounds, warnings, journal, digest,
+                                                   progress))
     twin = float64_twin(model)  # pair ratios in float64: float32 rounding is not Lipschitz
     clean = clean_pass(model, name, batches, warnings, twin)
     labels = torch.cat([y for _, y in batches]).to(device)
     starts = [0, *itertools.accumulate(len(y) for _, y in batches)]
     ratio = clean.ratio
-    rows: list[tuple[Spec, Tensor, Tensor | None, float, int]] = []
-    groups, mine = runs(specs), my_batches(len(batches), ctx)
-    bar = tqdm(total=len(groups) * len(mine), desc=name, disable=not (progress and ctx.main), leave=False)
-    for group in groups:
-        start = time.perf_counter()
+    rows: list[tuple[Spec, Tensor, Tensor | None, float, int, Tensor, Tensor | None]] = []
+    mine = my_batches(len(batches), ctx)
+    for group in runs(specs):
+        start, loaded = time.perf_counter(), 0.0
         keys = stages(group)
-        tallies = {s: Tally(s) for s in keys}
-        correct: dict[Spec, dict[int, Tensor]] = {s: {} for s in keys}
-        discarded: dict[Spec, Tensor] = {}
-        for b in mine:
-            x, y = (t.to(device) for t in batches[b])
-            ok, out_clean = (t[starts[b]:starts[b + 1]] for t in (clean.correct, clean.logits))
-            advs = adversarial(model, group, x, y, seed, b, ok, discarded)
-            mode = mode_warning(model, name, f"after {group[0].label}")
-            if mode:
-                warnings.append(mode)
-            scored: dict[int, tuple[Tensor, Tensor]] = {}  # a cascade's last stage is its result
-            with torch.no_grad():
-                for s, x_adv in advs.items():
-                    if id(x_adv) not in scored:
-                        out = model(x_adv)
-                        ratio = torch.maximum(ratio, screened_ratio(twin, x_adv, x, out, out_clean))
-                        scored[id(x_adv)] = out, predicted_correct(out, y)
-                    out, adv_ok = scored[id(x_adv)]
-                    tallies[s].add(x, x_adv, out, ok, adv_ok)
-                    # an example outside the rules (warned by the tally) breaks nothing
-                    correct[s][b] = adv_ok | ~within_rules(x_adv, x, s.norm, s.eps)
-            bar.update()
-        warnings.extend(discarded_warnings(name, discarded))  # per rank; gathered at the end
-        if ctx.distributed:
-            ratio = _share_run(ctx, device, keys, correct, tallies, ratio)
-        robust = {s: (clean.correct & torch.cat([c[b] for b in range(len(batches))])).cpu()
-                  for s, c in correct.items()}
-        seconds = time.perf_counter() - start  # .cpu() above waited for the device
+        records: dict[int, dict] = {}
+        with tqdm(total=sum(len(batches[b][1]) for b in mine), desc=f"{name} | {_bar_label(group)}",
+                  unit="img", disable=not (progress and ctx.main), leave=True) as bar:
+            for b in mine:
+                x, y = batches[b]
+                key = journal.key(digest, group, seed, b, tensors=(x, y)) if journal is not None else ""
+                record = journal.get(key) if journal is not None else None
+                if record is not None:
+                    loaded += record["seconds"]
+                else:
+                    began = time.perf_counter()
+                    ok, out_clean = (t[starts[b]:starts[b + 1]] for t in (clean.correct, clean.logits))
+                    record = _attack_batch(model, name, group, keys, x.to(device), y.to(device),
+                                           ok, out_clean, seed, b, twin, keep_adversarial)
+                    if journal is not None:  # the copy to the CPU waits for the device
+                        record = cpu_copy(record) | {"seconds": 0.0}
+                        record["seconds"] = time.perf_counter() - began
+                        journal.put(key, record)
+                records[b] = record
+                bar.update(len(y))
+        if ctx.distributed:  # every rank gets every batch's record
+            records = {b: r for part in all_gather(cpu_copy(records), ctx) for b, r in part.items()}
+        ordered = [records[b] for b in range(len(batches))]
+        warnings.extend(SanityWarning(*w) for r in ordered for w in r["warnings"])
+        warnings.extend(discarded_warnings(name, {s: sum(r["discarded"][i] for r in ordered)
+                                                  for i, s in enumerate(keys)}))
+        ratio = torch.maximum(ratio, torch.stack([torch.as_tensor(r["ratio"], device=device,
+                                                                  dtype=torch.float64)
+                                                  for r in ordered]).max())
+        corrects = [torch.cat([r["correct"][i].cpu() for r in ordered]) for i in range(len(keys))]
+        seconds = time.perf_counter() - start + loaded  # .cpu() above waited for the device
         before = clean.correct.cpu()
-        for s in keys:
+        for i, s in enumerate(keys):
+            robust = clean.correct.cpu() & corrects[i]
+            tally = Tally(s)
+            for r in ordered:
+                tally.merge(r["counts"][i], r["worst"][i])
+            broken = (clean.correct.cpu() if isinstance(s, Cascade) else before) & ~robust
+            dist = torch.cat([r["distance"][i].cpu() for r in ordered]).double()
+            dist = torch.where(clean.correct.cpu() & ~robust, dist, torch.full_like(dist, math.nan))
+            adv = (torch.cat([r["adversarial"][i].cpu() for r in ordered])
+                   if keep_adversarial else None)
             cert = _certified(clean, labels, bound, s, shape)
-            broken_cert = 0 if cert is None else int((cert & ~robust[s]).sum())
-            warnings.extend(tallies[s].warnings(name, broken_cert))
-            rows.append((s, robust[s], cert, seconds, int((before & ~robust[s]).sum())))
+            broken_cert = 0 if cert is None else int((cert & ~robust).sum())
+            warnings.extend(tally.warnings(name, broken_cert))
+            rows.append((s, robust, cert, seconds, int(broken.sum()), dist, adv))
             if isinstance(group[0], Cascade) and s is not group[0]:
-                before = robust[s]
-    bar.close()
+                before = robust
     empirical = float(ratio)
-    for s, robust_s, cert, seconds, broken in rows:
+    for s, robust_s, cert, seconds, broken, dist, adv in rows:
         cascade = next((g.label for g in specs if isinstance(g, Cascade) and s in g.members), "")
-        if isinstance(s, Cascade):
-            broken = int((clean.correct.cpu() & ~robust_s).sum())
         result = AttackResult(name, meta_name(meta, "method"), s.name, s.label, s.norm, s.eps,
                               row_params(s), seed, clean.correct.cpu(), robust_s, cert,
                               seconds, bound.value, empirical, str(meta.get("ensemble_output", "")),
-                              broken, cascade, bound.kind)
+                              broken, cascade, bound.kind, dist, adv)
         evaluation.results.append(result)
         log.info("%s %s %s eps=%g: clean %.4f robust %.4f", name, s.label, s.norm, s.eps,
                  float(result.clean.double().mean()), float(result.robust.double().mean()))
 
 
-def _share_run(ctx: Context, device: torch.device, group: list[Spec],
-               correct: dict[Spec, dict[int, Tensor]], tallies: dict[Spec, Tally],
-               ratio: Tensor) -> Tensor:
-    """Merge one attack run over the ranks, in place: per-batch correctness, check counters
-    (summed) and largest distance; returns the largest pair ratio of all ranks."""
-    mine = ([{b: t.cpu() for b, t in correct[s].items()} for s in group],
-            [({k: int(v) for k, v in tallies[s].counts.items()}, float(tallies[s].worst)) for s in group],
-            float(ratio))
-    parts = all_gather(mine, ctx)
-    for i, s in enumerate(group):
-        correct[s] = {b: t.to(device) for p in parts for b, t in p[0][i].items()}
-        keys = dict.fromkeys(k for p in parts for k in p[1][i][0])
-        tallies[s].counts = {k: sum(p[1][i][0].get(k, 0) for p in parts) for k in keys}
-        tallies[s].worst = max(p[1][i][1] for p in parts)
-    return torch.tensor(max(p[2] for p in parts), device=device, dtype=torch.float64)
+def _bar_label(group: Sequence[Spec]) -> str:
+    """'<attack> <norm> eps=<eps>' of one attack run (every eps of an eps-free attack)."""
+    eps = ",".join(f"{s.eps:g}" for s in group)
+    return f"{group[0].label} {group[0].norm} eps={eps}"
+
+
+def _attack_batch(model: nn.Module, name: str, group: Sequence[Spec], keys: Sequence[Spec],
+                  x: Tensor, y: Tensor, ok: Tensor, out_clean: Tensor, seed: int, batch: int,
+                  twin: nn.Module | None, keep_adversarial: bool) -> dict[str, Any]:
+    """Attack one batch x (n, C, H, W), y (n,) with one attack run; the record of it.
+
+    Per result key (``keys``, in order): correct (n,) bool: correct on x_adv, or x_adv
+    outside the rules; distance (n,): ||x_adv - x|| in the key's norm; the check counters
+    and largest distance (:class:`Tally`); the cascade examples discarded; and, with
+    ``keep_adversarial``, x_adv.  Also the largest pair ratio (scalar) and the batch's
+    sanity warnings.  Tensors stay on the device (no host sync).
+    """
+    discarded: dict[Spec, Tensor] = {}
+    advs = adversarial(model, group, x, y, seed, batch, ok, discarded)
+    mode = mode_warning(model, name, f"after {group[0].label}")
+    ratio = torch.zeros((), device=x.device, dtype=torch.float64)
+    record: dict[str, Any] = {k: [] for k in ("correct", "distance", "counts", "worst", "adversarial")}
+    scored: dict[int, tuple[Tensor, Tensor]] = {}  # a cascade's last stage is its result
+    with torch.no_grad():
+        for s in keys:
+            x_adv = advs[s]
+            if id(x_adv) not in scored:
+                out = model(x_adv)
+                if twin is not None:
+                    ratio = torch.maximum(ratio, screened_ratio(twin, x_adv, x, out, out_clean))
+                scored[id(x_adv)] = out, predicted_correct(out, y)
+            out, adv_ok = scored[id(x_adv)]
+            dist = distance(x_adv, x, s.norm)
+            counts, worst = Tally(s).batch(x, x_adv, out, ok, adv_ok, dist)
+            # an example outside the rules (warned by the tally) breaks nothing
+            record["correct"].append(adv_ok | ~within_rules(x_adv, x, s.norm, s.eps, dist))
+            record["distance"].append(dist.float())
+            record["counts"].append(counts)
+            record["worst"].append(worst)
+            if keep_adversarial:
+                record["adversarial"].append(x_adv)
+    record.update(ratio=ratio, discarded=[discarded.get(s, 0) for s in keys],
+                  warnings=[] if mode is None else [astuple(mode)])
+    return record
 
 
 def _certified(clean: CleanPass, labels: Tensor, bound: Bound, spec: Spec,
@@ -347,9 +420,15 @@ def _combine(evaluation: Evaluation, suite: str | None) -> None:
             continue
         first = members[0]
         robust = torch.stack([m.robust for m in members]).all(0)
+        broke = torch.stack([first.clean & ~m.robust for m in members])  # (members, n)
+        dists = torch.stack([m.distance if m.distance is not None
+                             else torch.full(robust.shape, math.nan, dtype=torch.float64)
+                             for m in members])
+        dist = dists.gather(0, broke.byte().argmax(0, keepdim=True)).squeeze(0)  # first to break
+        dist = torch.where(broke.any(0), dist, torch.full_like(dist, math.nan))
         evaluation.results.append(AttackResult(
             model, first.method, "suite", suite or "all-attacks", norm, eps,
             {"attacks": [m.attack for m in members]}, first.seed, first.clean, robust,
             first.certified, sum(m.seconds for m in members), first.lipschitz_bound,
             first.lipschitz_empirical, first.ensemble_output,
-            int((first.clean & ~robust).sum()), "", first.bound_kind))
+            int((first.clean & ~robust).sum()), "", first.bound_kind, dist))
