@@ -20,6 +20,7 @@ from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning,
 from robustclip.evaluation.attacks import CW_EPS_NOTE
 from robustclip.report import (format_table, results_table, write_results,
                                write_transfer, writes_results)
+from robustclip.spectral import module_device
 
 
 def _echo(text: str = "") -> None:
@@ -106,7 +107,8 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
         notes.append(f"ensemble output: {ensemble_output} ('softmax': log of the mean member "
                      "softmax, used for the loss; 'logits': mean of member logits)")
     if out_dir:
-        for path in write_results(out_dir, table, total.warnings, notes):
+        ran_on = module_device(next(iter(models.values())))  # for environment.json
+        for path in write_results(out_dir, table, total.warnings, notes, ran_on):
             _echo(f"wrote {path}")
     return table
 
@@ -140,7 +142,8 @@ def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequenc
                 index=False, float_format=lambda v: f"{v:.4f}"))
     _echo_warnings(result.warnings)
     if out_dir:
-        for path in write_transfer(out_dir, table, result.warnings):
+        ran_on = module_device(next(iter(models.values())))  # for environment.json
+        for path in write_transfer(out_dir, table, result.warnings, ran_on):
             _echo(f"wrote {path}")
     return table
 

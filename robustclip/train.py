@@ -9,7 +9,10 @@ A run directory holds:
   wall_time (seconds the epoch took, training and testing);
 - TensorBoard events: the same scalars at the global training step, plus each layer's
   singular-value trace every ``log.log_every`` steps;
-- ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint.
+- ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint;
+- ``environment.json`` (robustclip.environment: versions, machine, device, git commit,
+  command line, time) written when the run starts, and ``environment-resume-<n>.json``
+  for its n-th resume (the earlier records are kept).
 
 Each epoch saves ``best.pt`` (if improved), ``last.pt``, then ``metrics.csv``, so that
 metrics.csv never holds a row that last.pt does not.  The run directory is locked for the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,6 +53,7 @@ from robustclip.config import Config, differences, from_dict, load_config, overr
 from robustclip.data import dataset_info, load, synthetic
 from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
                                     launch, on_main, part, sync_after_step)
+from robustclip.environment import write_environment
 from robustclip.errors import RobustclipError
 from robustclip.files import atomic_write, describe, remove_temporaries, resolve_device, write_text
 from robustclip.locks import locked
@@ -57,6 +62,7 @@ from robustclip.models import build_model, wrappers
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.toml", "metrics.csv", "last.pt", "best.pt")
+ENVIRONMENT_FILE = re.compile(r"environment(-resume-(\d+))?\.json")
 
 
 def _datasets(config: Config, data_dir: str | Path | None) -> tuple[TensorDataset, TensorDataset]:
@@ -230,12 +236,20 @@ def _resume_checkpoint(out: Path, config: Config) -> dict[str, Any]:
     return ckpt
 
 
+def _environment_name(out: Path, resume: bool) -> str:
+    """``environment.json`` for a new run, ``environment-resume-<n>.json`` for its n-th resume."""
+    if not resume:
+        return "environment.json"
+    done = [int(m[2]) for p in out.iterdir() if (m := ENVIRONMENT_FILE.fullmatch(p.name)) and m[2]]
+    return f"environment-resume-{max(done, default=0) + 1}.json"
+
+
 def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool,
-                     stack: ExitStack) -> dict[str, Any] | None:
+                     stack: ExitStack, ctx: Context) -> dict[str, Any] | None:
     """Lock the run directory for the command (on ``stack``) and check it: refuse to clobber
     an existing run unless resuming (same config) or overwriting (the old run's files go).
-    Writes config.toml and metrics.csv (so an unwritable directory fails before training).
-    Returns the checkpoint to resume from, or None."""
+    Writes config.toml, metrics.csv (so an unwritable directory fails before training) and
+    the environment record.  Returns the checkpoint to resume from, or None."""
     if resume and overwrite:
         raise RobustclipError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
@@ -249,13 +263,15 @@ def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool,
                 raise RobustclipError(f"run directory {out} already exists; use --resume to continue "
                                       f"it or --overwrite to replace it")
             for path in out.iterdir():
-                if path.name in RUN_FILES or path.name.startswith("events.out.tfevents."):
+                if (path.name in RUN_FILES or path.name.startswith("events.out.tfevents.")
+                        or ENVIRONMENT_FILE.fullmatch(path.name)):
                     path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         for path in remove_temporaries(out):
             log.info("removed %s, left by an interrupted write", path)
         write_text(out / "config.toml", to_toml(config))
         _write_metrics(out / "metrics.csv", ckpt["metrics"] if ckpt else [])
+        write_environment(out, ctx.device, ctx.world_size, _environment_name(out, resume))
     except OSError as err:
         raise RobustclipError(f"cannot write run directory {out}: {describe(err)}") from None
     return ckpt
@@ -269,11 +285,11 @@ def train(config: Config | str | Path | None, out_dir: str | Path, resume: bool 
     resume: continue the run in ``out_dir`` from its ``last.pt``, which must exist; its
     stored config and config.toml must match ``config`` except train.epochs,
     train.device, log.progress (``config`` None: the stored one).  overwrite: remove the
-    old run's files (checkpoints, metrics, TensorBoard events, temporary files) from an
-    existing ``out_dir``.  The run directory is locked for the whole call (see
-    robustclip.locks).  device: overrides train.device.  data_dir: the data root (see
-    robustclip.data.data_root).  backend: the torch.distributed backend under torchrun
-    (default: see robustclip.distributed).  Returns the run directory.  Ctrl-C leaves
+    old run's files (checkpoints, metrics, TensorBoard events, environment records,
+    temporary files) from an existing ``out_dir``.  The run directory is locked for the
+    whole call (see robustclip.locks).  device: overrides train.device.  data_dir: the
+    data root (see robustclip.data.data_root).  backend: the torch.distributed backend
+    under torchrun (default: see robustclip.distributed).  Returns the run directory.  Ctrl-C leaves
     ``last.pt`` at the last completed epoch and re-raises KeyboardInterrupt.
     """
     if config is None:
@@ -299,7 +315,7 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
         raise RobustclipError(f"train.batch_size {config.train.batch_size} is smaller than the "
                               f"world size {ctx.world_size}: every rank needs a share of each batch")
     with ExitStack() as stack:  # rank 0 holds the run directory's lock until the end
-        ckpt = on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite, stack))
+        ckpt = on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite, stack, ctx))
         return _fit(config, out, model, ckpt, train_set, test_set, ctx)
 
 

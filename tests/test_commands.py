@@ -22,7 +22,10 @@ def test_report_files(models, data, tmp_path):
     ev = evaluate({"a": models["a"]}, x[:40], y[:40], specs)
     table = results_table(ev.results)
     out = prepare_out_dir(tmp_path / "out", overwrite=False)
-    write_results(out, table, ev.warnings)
+    write_results(out, table, ev.warnings, device=torch.device("cpu"))
+    environment = json.loads((out / "environment.json").read_text())
+    assert {"robustclip", "torch", "python", "cpu", "cpu_cores", "command", "time_utc"} <= set(environment)
+    assert environment["device"] == "cpu" and environment["device_name"] == environment["cpu"]
     rows = json.loads((out / "results.json").read_text())
     assert isinstance(rows, list) and len(rows) == len(table) == 6
     for row in rows:
@@ -107,6 +110,7 @@ def test_cli_attack_transfer_lipschitz(runs, mnist_root, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())
     assert {r["model"] for r in rows} == {"m1", "m2", "ensemble(m1,m2;softmax)"}
+    assert json.loads((out / "environment.json").read_text())["device"] == "cpu"
     assert all(r["n"] == 8 for r in rows)
     again = _cli("attack", runs["m1"], "--eps", "0.1", "--out", str(out), *common)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
@@ -122,6 +126,7 @@ def test_cli_attack_transfer_lipschitz(runs, mnist_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "diagonal = white-box" in result.output
     assert (tmp_path / "tr" / "transfer_fgsm_0.1.png").is_file()
+    assert json.loads((tmp_path / "tr" / "environment.json").read_text())["device"] == "cpu"
     result = _cli("lipschitz", runs["m1"], *common)
     assert result.exit_code == 0, result.output
     assert "conv1+bn1" in result.output and "empirical" in result.output

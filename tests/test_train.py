@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -65,7 +67,7 @@ def test_every_method_trains(tmp_path, method):
     assert sigmas == {"none": [], "miyato": [], "gouk": ["sigma/conv1", "sigma/fc1"],
                       "fastclip-composite": ["sigma/conv1", "sigma/conv1.conv", "sigma/fc1"]}[method]
     assert all(0 < float(row[k]) < 1.01 for k in sigmas)  # gouk/composite: rescaled every step
-    assert {"config.toml", "metrics.csv", "last.pt", "best.pt"} <= {p.name for p in run.iterdir()}
+    assert {"config.toml", "metrics.csv", "last.pt", "best.pt", "environment.json"} <= {p.name for p in run.iterdir()}
     assert any(p.name.startswith("events.out.tfevents.") for p in run.iterdir())
 
 
@@ -160,18 +162,27 @@ def test_run_dir_refused_unless_resume_or_overwrite(tmp_path, fastclip_run):
         train(override(config, ["method.clip=0.5"]), fastclip_run, resume=True)
     with pytest.raises(RobustclipError, match="nothing to resume"):
         train(config, tmp_path / "empty", resume=True)
+    first = (fastclip_run / "environment.json").read_text()
     train(config, fastclip_run, resume=True)  # already done: no epoch runs, nothing changes
     assert len(rows(fastclip_run)) == 2
+    # each start leaves its record: the first one kept, the resume's beside it
+    assert (fastclip_run / "environment.json").read_text() == first
+    resumed = json.loads((fastclip_run / "environment-resume-1.json").read_text())
+    assert resumed["device"] == "cpu" and resumed["world_size"] == 1
     (tmp_path / "c.toml").write_text(to_toml(tiny("none")))
     out = tmp_path / "other"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / "environment-resume-4.json").write_text("{}")  # an old run's record
     args = ["train", "--config", str(tmp_path / "c.toml"), "--out", str(out)]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 2 and refused.output.count("\n") == 1
     assert refused.output.startswith("error: run directory")
     assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "last.pt").exists()
+    assert not (out / "environment-resume-4.json").exists()
+    record = json.loads((out / "environment.json").read_text())
+    assert record["command"] == shlex.join(sys.argv)  # CliRunner leaves sys.argv as pytest's
 
 
 # ---------------------------------------------------------------------------- checkpoints
