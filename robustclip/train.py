@@ -8,7 +8,8 @@ A run directory holds:
   top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (used in that epoch),
   wall_time (seconds the epoch took, training and testing);
 - TensorBoard events: the same scalars at the global training step, plus each layer's
-  singular-value trace every ``log.log_every`` steps;
+  singular-value trace every ``log.log_every`` steps, and the flattened config as hparams
+  (metric ``test/acc``: TensorBoard's HPARAMS tab shows its last value);
 - ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint;
 - ``environment.json`` (robustclip.environment: versions, machine, device, git commit,
   command line, time) written when the run starts, and ``environment-resume-<n>.json``
@@ -34,6 +35,7 @@ BatchNorm batch statistics are those of the rank's share (as with any DDP run).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 import time
@@ -48,7 +50,8 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from robustclip.checkpoint import load_state, read_checkpoint, save_checkpoint
+from robustclip.checkpoint import (load_state, model_from_checkpoint, predates_tracking,
+                                   read_checkpoint, save_checkpoint)
 from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
 from robustclip.data import dataset_info, load, synthetic
 from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
@@ -316,6 +319,8 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
                               f"world size {ctx.world_size}: every rank needs a share of each batch")
     with ExitStack() as stack:  # rank 0 holds the run directory's lock until the end
         ckpt = on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite, stack, ctx))
+        if ckpt is not None and predates_tracking(ckpt):  # resumed without sigma tracking
+            model = model_from_checkpoint(ckpt).to(ctx.device)
         return _fit(config, out, model, ckpt, train_set, test_set, ctx)
 
 
@@ -349,6 +354,7 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out), purge_step=global_step + 1 if ckpt is not None else None)
+        _log_hparams(writer, config)
     for w in wrappers(model):
         w.writer = writer
     meta = {"model": {"name": config.model.name, "args": dict(config.model.args)},
@@ -406,6 +412,30 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
     if ctx.main:
         _warn_if_never_clipped(model, global_step)
     return out
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A nested dict as ``{"a.b.c": value}``; values that are not numbers, bools or strings
+    (lists of model arguments, say) as their JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat
+
+
+def _log_hparams(writer: Any, config: Config) -> None:
+    """The flattened config as TensorBoard hparams of this run's own event file (not the
+    sub-run ``SummaryWriter.add_hparams`` makes), with the scalar ``test/acc`` as metric."""
+    from torch.utils.tensorboard.summary import hparams
+
+    experiment, start, _ = hparams(_flat(to_dict(config)), {"test/acc": None})
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(start)
 
 
 def _warn_if_never_clipped(model: nn.Module, steps: int) -> None:
