@@ -144,21 +144,22 @@ def _digest(path: Path, algorithm: str) -> str:
 
 
 def _problems(info: DatasetInfo, root: Path) -> dict[str, str]:
-    """Map each of the dataset's files under ``root`` that is missing or corrupt to that word."""
+    """Map each of the dataset's files under ``root`` that is missing or corrupt to what is
+    wrong: ``<name> missing`` or ``md5 of <path> is <digest>, expected <digest>``."""
     problems = {}
     for rel, (algorithm, expected) in info.files.items():
         path = root / rel
         if not path.is_file():
-            problems[rel] = "missing"
-        elif _digest(path, algorithm) != expected:
-            problems[rel] = "corrupt"
+            problems[rel] = f"{path.name} missing"
+        elif (actual := _digest(path, algorithm)) != expected:
+            problems[rel] = f"{algorithm} of {path} is {actual}, expected {expected}"
     return problems
 
 
 def _describe(info: DatasetInfo, problems: Mapping[str, str]) -> str:
-    if len(problems) == len(info.files) and set(problems.values()) == {"missing"}:
+    if len(problems) == len(info.files) and all(p.endswith(" missing") for p in problems.values()):
         return "not there"
-    return ", ".join(f"{Path(rel).name} {state}" for rel, state in problems.items())
+    return "; ".join(problems.values())
 
 
 def _one_line(err: BaseException) -> str:
@@ -270,10 +271,13 @@ def _fashion_mnist_from_debian(info: DatasetInfo, root: Path, progress: bool) ->
 
 
 def _cifar10_offline(info: DatasetInfo, root: Path, progress: bool) -> None:
+    folder = root / info.folder
+    where = (f"replace the files above in {folder} with those of the CIFAR-10 python version"
+             if folder.is_dir() else
+             f"put the extracted '{info.folder}' folder (CIFAR-10 python version) at {folder}")
     raise RobustclipError(
-        f"no offline copy of CIFAR-10 exists: put the extracted '{info.folder}' folder "
-        f"(CIFAR-10 python version) at {root / info.folder}, or run "
-        "`robustclip data fetch cifar10` where the internet is reachable (torchvision downloads it)"
+        f"no offline copy of CIFAR-10 exists: {where}, or run `robustclip data fetch cifar10` "
+        "where the internet is reachable (torchvision downloads it)"
     )
 
 
