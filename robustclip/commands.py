@@ -11,7 +11,7 @@ import click
 import pandas as pd
 
 from robustclip.checkpoint import load_runs
-from robustclip.data import test_set
+from robustclip.data import data_source, test_set
 from robustclip.distributed import current
 from robustclip.errors import RobustclipError
 from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning, check_one_dataset,
@@ -79,7 +79,7 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
             list(models.values()), ensemble_output)
     by_dataset: dict[str, dict] = {}
     for label, model in models.items():
-        by_dataset.setdefault(model.robustclip_meta["dataset"], {})[label] = model
+        by_dataset.setdefault(data_source(model.robustclip_meta), {})[label] = model
     total = Evaluation([])
     data = {ds: test_set(ds, limit, data_dir) for ds in by_dataset}  # bad --limit fails early
     for ds, group in by_dataset.items():
@@ -154,7 +154,8 @@ def lipschitz_command(runs: Sequence[str], limit: int | None, batch_size: int, s
     models = load_runs(runs, device)
     rows = []
     for label, model in models.items():
-        images, labels = test_set(model.robustclip_meta["dataset"], limit or 256, data_dir)
+        source = data_source(model.robustclip_meta)  # a synthetic run: its own test split
+        images, labels = (t[: limit or 256] for t in test_set(source, limit, data_dir))
         summary, layers = lipschitz_summary({label: model}, images, labels,
                                             batch_size=batch_size, seed=seed, tol=tol)
         _echo(f"\n{label}:")

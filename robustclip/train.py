@@ -53,7 +53,7 @@ from tqdm import tqdm
 from robustclip.checkpoint import (load_state, model_from_checkpoint, predates_tracking,
                                    read_checkpoint, save_checkpoint)
 from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
-from robustclip.data import dataset_info, load, synthetic
+from robustclip.data import SYNTHETIC_SIZES, load, synthetic_splits
 from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
                                     launch, on_main, part, sync_after_step)
 from robustclip.environment import write_environment
@@ -72,10 +72,8 @@ def _datasets(config: Config, data_dir: str | Path | None) -> tuple[TensorDatase
     """(train, test) image tensors in [0, 1] of shape (N, C, H, W), int64 labels."""
     tc, name = config.train, config.data.dataset
     if config.data.synthetic:
-        info = dataset_info(name)
-        n_train, n_test = tc.limit_train or 1024, tc.limit_test or 256
-        x, y = synthetic(n_train + n_test, info.shape, info.num_classes, seed=tc.seed).tensors
-        return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+        return synthetic_splits(name, tc.limit_train or SYNTHETIC_SIZES[0],
+                                tc.limit_test or SYNTHETIC_SIZES[1], tc.seed)
     return (load(name, "train", data_dir, limit=tc.limit_train or None),
             load(name, "test", data_dir, limit=tc.limit_test or None))
 
