@@ -310,4 +310,5 @@ def test_a_run_that_never_clipped_says_so(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="robustclip.train"):
         train(tiny("fastclip"), tmp_path / "clipped")  # init_delay 1 of 3 steps
+        train(tiny("none", "method.init_delay=100"), tmp_path / "none")  # wrappers only track
     assert "before the first clip event" not in caplog.text
