@@ -24,6 +24,11 @@ matrix where the input has at most ``exact_max_dim`` values, else a guaranteed u
 bound (FFT for convs and conv+BN, Schur test for average pools).  The network bound
 multiplies these; an operator with neither gets its PowerQR estimate, and the report says
 so (``bound_kind`` "estimate"): such a bound is not a certificate.
+
+Row names are module paths, as the wrappers' ``sigma/<name>`` (robustclip.models): an
+operator that is one module is named by its path (``fc1``; ``block1`` for a conv+BN
+module such as models.ConvBN, whether a wrapper holds it or the walk pairs its ``conv``
+and ``bn``); a composite the walk forms from two modules, by both (``conv1+bn1``).
 """
 from __future__ import annotations
 
@@ -164,8 +169,8 @@ class _Walker:
 
     def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], dependent: set[fx.Node],
                  tol: float, iters: int | None, exact_max_dim: int, exact_max_entries: int,
-                 seed: int, progress: str = "") -> None:
-        self.gm, self.values, self.dependent = gm, values, dependent
+                 seed: int, pairs: dict[tuple[str, str], str], progress: str = "") -> None:
+        self.gm, self.values, self.dependent, self.pairs = gm, values, dependent, pairs
         self.progress = progress  # the bar's title; "" shows none
         self.tol, self.iters, self.seed = tol, iters, seed
         self.exact_max_dim, self.exact_max_entries = exact_max_dim, exact_max_entries
@@ -273,8 +278,8 @@ class _Walker:
                                           self.gm.get_submodule(node.target))
                 kind = (f"{type(_unwrap(composite[0])).__name__}+"
                         f"{type(_unwrap(composite[1])).__name__}")
-                sigma = self._measure(composite, _shape(conv.args[0]),
-                                      f"{conv.target}+{node.target}", kind)
+                name = self.pairs.get((conv.target, node.target), f"{conv.target}+{node.target}")
+                sigma = self._measure(composite, _shape(conv.args[0]), name, kind)
                 self.L[node] = sigma * self.L[conv.args[0]]
             else:
                 self.L[node] = self._bound(node)
@@ -381,6 +386,19 @@ def _dependent(graph: fx.Graph) -> set[fx.Node]:
     return dep
 
 
+def _conv_bn_modules(model: nn.Module) -> dict[tuple[str, str], str]:
+    """(conv path, bn path) -> path of each Sequential of exactly a conv then a BatchNorm
+    (wrapped or not) below the root: the module that is that composite."""
+    pairs = {}
+    for path, module in model.named_modules():
+        children = list(module.named_children())
+        if (path and isinstance(module, nn.Sequential) and len(children) == 2
+                and isinstance(_unwrap(children[0][1]), _CONVS)
+                and isinstance(_unwrap(children[1][1]), _BATCHNORMS)):
+            pairs[(f"{path}.{children[0][0]}", f"{path}.{children[1][0]}")] = path
+    return pairs
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """The model as an fx graph with spectral wrappers and standard layers as leaves."""
     try:
@@ -431,7 +449,7 @@ def lipschitz_report(model: nn.Module, input_shape: Sequence[int], *, tol: float
         prop = _ValueProp(gm, dependent)
         prop.propagate(example)
         walker = _Walker(gm, prop.values, dependent, tol, iters, exact_max_dim,
-                         exact_max_entries, seed, progress)
+                         exact_max_entries, seed, _conv_bn_modules(model), progress)
         bound = walker.run()
     rows = pd.DataFrame(walker.rows, columns=_COLUMNS)
     rows.attrs["bound_kind"] = network_bound_kind(rows)

@@ -92,12 +92,23 @@ def load_state(model: nn.Module, ckpt: dict[str, Any]) -> None:
                               f"{' '.join(str(err).split())[:200]}") from None
 
 
+def predates_tracking(ckpt: dict[str, Any]) -> bool:
+    """Whether ``ckpt`` is a ``none`` or ``miyato`` run saved before those methods had
+    tracking-only wrappers (its state dict holds no wrapper buffers): it loads into the
+    plain model."""
+    from robustclip.models import TRACKING_ONLY
+
+    return (ckpt["method"]["name"] in TRACKING_ONLY
+            and not any(key.endswith(".sigmas") for key in ckpt["state_dict"]))
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the model that ``ckpt`` describes and load its state dict."""
     from robustclip.models import build_model
 
     model = build_model(ckpt["model"]["name"], ckpt["dataset"], ckpt["method"]["name"],
-                        ckpt["method"]["args"], **ckpt["model"]["args"])
+                        ckpt["method"]["args"], track=not predates_tracking(ckpt),
+                        **ckpt["model"]["args"])
     load_state(model, ckpt)
     return model
 

@@ -229,12 +229,16 @@ class SpectralClip(nn.Module):
             self.clip_now()
         out = self.module(x)
         if active and self.rescale_every_step:
-            _AWAITING_RESCALE.add(self)  # rescale_now tracks, after the optimiser step
+            _AWAITING_RESCALE.add(self)  # rescale_now tracks and logs, after the optimiser step
         else:
             self._track()
+            self._log_due()
+        return out
+
+    def _log_due(self) -> None:
+        """Log the sigmas the step counted last leaves behind, every ``log_every`` steps."""
         if self.writer is not None and self._count % self.log_every == 0:
             self.log_sigmas(self.writer, self._count)
-        return out
 
     def clip_due(self) -> bool:
         """Whether the training step counted last runs a clip event (before its forward)."""
@@ -285,6 +289,7 @@ class SpectralClip(nn.Module):
         factor = (self.clip / self.sigmas[0].clamp_min(1e-30)).clamp(max=1.0)
         self._rescaled_param().mul_(factor)
         self.sigmas = self.sigmas * factor
+        self._log_due()
 
     @torch.no_grad()
     def clip_now(self) -> Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from robustclip.checkpoint import load_factory, load_runs
-from robustclip.data import test_set
+from robustclip.data import data_source, test_set
 from robustclip.distributed import current
 from robustclip.errors import RobustclipError
 from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning, check_one_dataset,
@@ -27,6 +27,7 @@ from robustclip.files import write_text
 from robustclip.report import (JOURNAL, format_table, journal_dir, results_table, samples_table,
                                write_adversarial, write_results, write_samples, write_transfer,
                                writes_results)
+from robustclip.spectral import module_device
 
 
 def _echo(text: str = "") -> None:
@@ -116,7 +117,7 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
             list(models.values()), ensemble_output)
     by_dataset: dict[str, dict] = {}
     for label, m in models.items():
-        by_dataset.setdefault(m.robustclip_meta["dataset"], {})[label] = m
+        by_dataset.setdefault(data_source(m.robustclip_meta), {})[label] = m
     data = {ds: test_set(ds, limit, data_dir) for ds in by_dataset}  # bad --limit fails early
     return evaluate_and_write(by_dataset, data, specs, suite_name, batch_size=batch_size,
                               seed=seed, ensemble_output=ensemble_output if ensemble else None,
@@ -162,7 +163,9 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
     if echo:
         _echo_warnings(total.warnings)
     if out_dir:
-        for path in write_results(out_dir, table, total.warnings, _notes(specs, ensemble_output)):
+        ran_on = module_device(next(iter(next(iter(by_dataset.values())).values())))
+        for path in write_results(out_dir, table, total.warnings, _notes(specs, ensemble_output),
+                                  ran_on):  # the device, for environment.json
             say(f"wrote {path}")
         for path in write_samples(out_dir, pd.concat(samples, ignore_index=True)):
             say(f"wrote {path}")
@@ -221,7 +224,8 @@ def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequenc
                 index=False, float_format=lambda v: f"{v:.4f}"))
     _echo_warnings(result.warnings)
     if out_dir:
-        for path in write_transfer(out_dir, table, result.warnings):
+        ran_on = module_device(next(iter(models.values())))  # for environment.json
+        for path in write_transfer(out_dir, table, result.warnings, ran_on):
             _echo(f"wrote {path}")
     return table
 
@@ -232,7 +236,8 @@ def lipschitz_command(runs: Sequence[str], limit: int | None, batch_size: int, s
     models = load_runs(runs, device)
     rows = []
     for label, model in models.items():
-        images, labels = test_set(model.robustclip_meta["dataset"], limit or 256, data_dir)
+        source = data_source(model.robustclip_meta)  # a synthetic run: its own test split
+        images, labels = (t[: limit or 256] for t in test_set(source, limit, data_dir))
         summary, layers = lipschitz_summary({label: model}, images, labels,
                                             batch_size=batch_size, seed=seed, tol=tol)
         _echo(f"\n{label}:")

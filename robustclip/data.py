@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -144,21 +144,22 @@ def _digest(path: Path, algorithm: str) -> str:
 
 
 def _problems(info: DatasetInfo, root: Path) -> dict[str, str]:
-    """Map each of the dataset's files under ``root`` that is missing or corrupt to that word."""
+    """Map each of the dataset's files under ``root`` that is missing or corrupt to what is
+    wrong: ``<name> missing`` or ``md5 of <path> is <digest>, expected <digest>``."""
     problems = {}
     for rel, (algorithm, expected) in info.files.items():
         path = root / rel
         if not path.is_file():
-            problems[rel] = "missing"
-        elif _digest(path, algorithm) != expected:
-            problems[rel] = "corrupt"
+            problems[rel] = f"{path.name} missing"
+        elif (actual := _digest(path, algorithm)) != expected:
+            problems[rel] = f"{algorithm} of {path} is {actual}, expected {expected}"
     return problems
 
 
 def _describe(info: DatasetInfo, problems: Mapping[str, str]) -> str:
-    if len(problems) == len(info.files) and set(problems.values()) == {"missing"}:
+    if len(problems) == len(info.files) and all(p.endswith(" missing") for p in problems.values()):
         return "not there"
-    return ", ".join(f"{Path(rel).name} {state}" for rel, state in problems.items())
+    return "; ".join(problems.values())
 
 
 def _one_line(err: BaseException) -> str:
@@ -270,10 +271,13 @@ def _fashion_mnist_from_debian(info: DatasetInfo, root: Path, progress: bool) ->
 
 
 def _cifar10_offline(info: DatasetInfo, root: Path, progress: bool) -> None:
+    folder = root / info.folder
+    where = (f"replace the files above in {folder} with those of the CIFAR-10 python version"
+             if folder.is_dir() else
+             f"put the extracted '{info.folder}' folder (CIFAR-10 python version) at {folder}")
     raise RobustclipError(
-        f"no offline copy of CIFAR-10 exists: put the extracted '{info.folder}' folder "
-        f"(CIFAR-10 python version) at {root / info.folder}, or run "
-        "`robustclip data fetch cifar10` where the internet is reachable (torchvision downloads it)"
+        f"no offline copy of CIFAR-10 exists: {where}, or run `robustclip data fetch cifar10` "
+        "where the internet is reachable (torchvision downloads it)"
     )
 
 
@@ -385,15 +389,64 @@ def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def test_set(dataset: str, limit: int | None = None,
+#: Sizes of a synthetic run's (train, test) splits when train.limit_train / limit_test are 0.
+SYNTHETIC_SIZES = (1024, 256)
+
+
+def synthetic_splits(dataset: str, n_train: int, n_test: int,
+                     seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """(train, test) of a run with ``data.synthetic``: the first ``n_train`` and the next
+    ``n_test`` samples of :func:`synthetic` with ``dataset``'s shape and classes."""
+    info = dataset_info(dataset)
+    x, y = synthetic(n_train + n_test, info.shape, info.num_classes, seed=seed).tensors
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The test data a model is evaluated on: ``dataset``'s test split, or, for a run
+    trained with ``data.synthetic``, that run's synthetic test split (``synthetic``:
+    seed, n_train, n_test; see :func:`synthetic_splits`)."""
+
+    dataset: str
+    synthetic: tuple[int, int, int] | None = None
+
+    def __str__(self) -> str:
+        if self.synthetic is None:
+            return self.dataset
+        seed, n_train, n_test = self.synthetic
+        return f"synthetic {self.dataset} (seed {seed}, {n_train} train + {n_test} test)"
+
+
+def data_source(meta: Mapping[str, Any]) -> DataSource:
+    """The test data of a model from its ``robustclip_meta``: what an ensemble recorded
+    (``data_source``), else the checkpoint's dataset and, where its config says
+    ``data.synthetic``, its run's synthetic split (seed, limit_train, limit_test)."""
+    if isinstance(meta.get("data_source"), DataSource):
+        return meta["data_source"]
+    config = meta.get("config") or {}
+    if not config.get("data", {}).get("synthetic"):
+        return DataSource(str(meta["dataset"]))
+    train = config["train"]
+    split = (train["seed"], train["limit_train"] or SYNTHETIC_SIZES[0],
+             train["limit_test"] or SYNTHETIC_SIZES[1])
+    return DataSource(str(meta["dataset"]), split)
+
+
+def test_set(source: str | DataSource, limit: int | None = None,
              data_dir: str | Path | None = None) -> tuple[Tensor, Tensor]:
-    """The first ``limit`` test images (n, C, H, W) in [0, 1] and labels (n,) of ``dataset``.
+    """The first ``limit`` test images (n, C, H, W) in [0, 1] and labels (n,) of ``source``:
+    a dataset's name (its test split) or a :class:`DataSource` (:func:`data_source` of a model).
 
     A ``limit`` below 1 or above the size of the test split raises RobustclipError.
     """
-    ds = load(dataset, "test", data_dir)
-    images, labels = ds.tensors
+    source = DataSource(source) if isinstance(source, str) else source
+    if source.synthetic is None:
+        images, labels = load(source.dataset, "test", data_dir).tensors
+    else:
+        images, labels = synthetic_splits(source.dataset, *source.synthetic[1:],
+                                          seed=source.synthetic[0])[1].tensors
     if limit is not None and not 1 <= limit <= len(images):
         raise RobustclipError(f"--limit {limit} is outside 1..{len(images)}, the size of the "
-                              f"{dataset} test split")
+                              f"{source} test split")
     return images[:limit], labels[:limit]

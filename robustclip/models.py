@@ -8,7 +8,10 @@ the tutorial's flat layout (``conv1``, ``bn1``, ``fc1``).
 
 :func:`build_model` builds a model and applies a method (:data:`METHODS`) to its layers:
 every wrapper's ``.name`` is the layer's qualified path in the unwrapped model
-(``conv1``, ``layer1.0.conv1.conv``), the tag used in logs and metrics.
+(``conv1``, ``layer1.0.conv1.conv``), the tag used in logs and metrics.  The methods that
+do not clip (``none``, and ``miyato``, whose normalisation is torch's) get tracking-only
+wrappers (``clip=None``: PowerQR on the layer as it trains, no change to the weights or
+the forward pass), so that every run logs ``sigma/<layer>`` and runs overlay.
 """
 from __future__ import annotations
 
@@ -219,11 +222,18 @@ def _targets(model: nn.Module, method: str) -> list[tuple[str, nn.Module]]:
     return found[::-1]  # pre-order reversed: a composite's conv is wrapped before it
 
 
-def apply_method(model: nn.Module, method: str, method_args: Mapping[str, Any] | None = None) -> nn.Module:
+#: Methods that do not clip with SpectralClip: their wrappers only track (clip=None).
+TRACKING_ONLY = ("none", "miyato")
+
+
+def apply_method(model: nn.Module, method: str, method_args: Mapping[str, Any] | None = None,
+                 track: bool = True) -> nn.Module:
     """Wrap, in place, every conv and dense layer (and conv+BN composite) of ``model``.
 
     method: one of :data:`METHODS`; method_args: keywords of :class:`SpectralClip`
-    (:data:`METHOD_ARGS`).  Returns ``model``.
+    (:data:`METHOD_ARGS`).  track: give the methods of :data:`TRACKING_ONLY` their
+    tracking-only wrappers (False: the plain layers, as checkpoints from before those
+    wrappers hold them).  Returns ``model``.
     """
     args = dict(method_args or {})
     if method not in METHODS:
@@ -231,16 +241,16 @@ def apply_method(model: nn.Module, method: str, method_args: Mapping[str, Any] |
     bad = sorted(set(args) - set(METHOD_ARGS))
     if bad:
         raise RobustclipError(f"unknown method argument(s) {', '.join(bad)}; valid: {', '.join(METHOD_ARGS)}")
-    if method == "none":
-        return model
     for name, layer in _targets(model, method):
         if method == "miyato":
             spectral_norm(layer, n_power_iterations=max(args.get("iters_per_step", 1), 1))
             if args.get("clip", 1.0) != 1.0:
                 parametrize.register_parametrization(layer, "weight", _Scale(float(args["clip"])))
+        if method in TRACKING_ONLY and not track:
             continue
         extra = {"rescale_every_step": True, "clip_events": False} if method == "gouk" else {}
-        wrapper = SpectralClip(layer, **args, **extra, name=name)
+        extra |= {"clip": None} if method in TRACKING_ONLY else {}
+        wrapper = SpectralClip(layer, **(args | extra), name=name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, wrapper)
     return model
@@ -252,8 +262,10 @@ def wrappers(model: nn.Module) -> list[SpectralClip]:
 
 
 def build_model(name: str, dataset: str, method: str = "none",
-                method_args: Mapping[str, Any] | None = None, **model_args: Any) -> nn.Module:
-    """Model ``name`` for ``dataset`` (its shape, classes, mean/std), with ``method`` applied.
+                method_args: Mapping[str, Any] | None = None, track: bool = True,
+                **model_args: Any) -> nn.Module:
+    """Model ``name`` for ``dataset`` (its shape, classes, mean/std), with ``method`` applied
+    (``track``: see :func:`apply_method`).
 
     Raises :class:`RobustclipError` for an unknown model, dataset, method or argument.
     """
@@ -265,4 +277,4 @@ def build_model(name: str, dataset: str, method: str = "none",
     except (TypeError, ValueError, RuntimeError) as err:  # unknown name; a value torch refuses
         first = first_line(err)
         raise RobustclipError(f"model {name!r}: bad argument(s) {model_args}: {first}") from None
-    return apply_method(model, method, method_args)
+    return apply_method(model, method, method_args, track)

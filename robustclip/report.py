@@ -2,7 +2,9 @@
 
 One row per (model or ensemble, attack or suite, norm, eps); accuracies are fractions in
 [0, 1].  Files are written atomically (temporary file in the out dir, then rename); a
-command's results directory is written whole or not at all (:func:`results_dir`).
+command's results directory is written whole or not at all (:func:`results_dir`).  Every
+results directory holds ``environment.json`` (robustclip.environment): the versions,
+machine, device, git commit and command line that made it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib import ticker  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
+from robustclip.environment import write_environment  # noqa: E402
 from robustclip.errors import RobustclipError  # noqa: E402
 from robustclip.evaluation.checks import SanityWarning  # noqa: E402
 from robustclip.evaluation.evaluate import AttackResult  # noqa: E402
@@ -229,11 +233,15 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def write_table(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning],
-                title: str, notes: Sequence[str] = ()) -> list[Path]:
-    """results.csv, results.json (list of row objects, each with its 'warnings'), results.md.
+                title: str, notes: Sequence[str] = (),
+                device: torch.device | str | None = None) -> list[Path]:
+    """results.csv, results.json (list of row objects, each with its 'warnings'), results.md
+    and environment.json (``device``: where the models ran; None leaves it out).
 
     The write functions return the paths the files have once the command's
     :func:`results_dir` is in place."""
+    from robustclip.distributed import current
+
     rows = [dict(r) | {"warnings": row_warnings(r, warnings)} for r in table.to_dict("records")]
     csv = table.assign(params=[json.dumps(_jsonable(p), sort_keys=True) for p in table["params"]],
                        warnings=[" | ".join(r["warnings"]) for r in rows])
@@ -245,13 +253,15 @@ def write_table(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning
     md += ["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []
     md += ["## Warnings", "", *([f"- {w}" for w in warnings] or ["none"]), ""]
     written.append(write_text(out / "results.md", "\n".join(md)))
+    written.append(write_environment(out, device, current().world_size))
     return _final(written)
 
 
 def write_results(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning],
-                  notes: Sequence[str] = ()) -> list[Path]:
-    """Table files plus the plots robust_vs_eps_<norm>.png and robust_vs_lipschitz.png."""
-    written = write_table(out, table, warnings, "Robustness results", notes)
+                  notes: Sequence[str] = (), device: torch.device | str | None = None) -> list[Path]:
+    """Table files (:func:`write_table`) plus the plots robust_vs_eps_<norm>.png and
+    robust_vs_lipschitz.png."""
+    written = write_table(out, table, warnings, "Robustness results", notes, device)
     for norm, part in table.groupby("norm"):
         written.append(atomic_write(out / f"robust_vs_eps_{norm}.png",
                                lambda tmp, p=part, n=norm: plot_robust_vs_eps(p, n, tmp)))
@@ -403,11 +413,13 @@ def plot_robust_vs_lipschitz(table: pd.DataFrame, path: str) -> None:
     plt.close(fig)
 
 
-def write_transfer(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning]) -> list[Path]:
-    """Transfer table files plus one heatmap transfer_<attack>_<eps>.png per matrix."""
+def write_transfer(out: Path, table: pd.DataFrame, warnings: Sequence[SanityWarning],
+                   device: torch.device | str | None = None) -> list[Path]:
+    """Transfer table files (:func:`write_table`) plus one heatmap
+    transfer_<attack>_<eps>.png per matrix."""
     written = write_table(out, table, warnings, "Transfer results",
                           ["accuracy: target correct on x and on x_adv crafted on source; "
-                           "diagonal = white-box; 'surrogate': crafted on all other models"])
+                           "diagonal = white-box; 'surrogate': crafted on all other models"], device)
     for (attack, norm, eps), part in table[table.kind != "surrogate"].groupby(
             ["attack", "norm", "eps"], sort=False):
         order = list(dict.fromkeys(part["source"]))  # the models in the order given

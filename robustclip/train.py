@@ -8,8 +8,12 @@ A run directory holds:
   top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (used in that epoch),
   wall_time (seconds the epoch took, training and testing);
 - TensorBoard events: the same scalars at the global training step, plus each layer's
-  singular-value trace every ``log.log_every`` steps;
-- ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint.
+  singular-value trace every ``log.log_every`` steps, and the flattened config as hparams
+  (metric ``test/acc``: TensorBoard's HPARAMS tab shows its last value);
+- ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy): see robustclip.checkpoint;
+- ``environment.json`` (robustclip.environment: versions, machine, device, git commit,
+  command line, time) written when the run starts, and ``environment-resume-<n>.json``
+  for its n-th resume (the earlier records are kept).
 
 Each epoch saves ``best.pt`` (if improved), ``last.pt``, then ``metrics.csv``, so that
 metrics.csv never holds a row that last.pt does not.  The run directory is locked for the
@@ -31,7 +35,9 @@ BatchNorm batch statistics are those of the rank's share (as with any DDP run).
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import re
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -44,11 +50,13 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from robustclip.checkpoint import load_state, read_checkpoint, save_checkpoint
+from robustclip.checkpoint import (load_state, model_from_checkpoint, predates_tracking,
+                                   read_checkpoint, save_checkpoint)
 from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
-from robustclip.data import dataset_info, load, synthetic
+from robustclip.data import SYNTHETIC_SIZES, load, synthetic_splits
 from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
                                     launch, on_main, part, sync_after_step)
+from robustclip.environment import write_environment
 from robustclip.errors import RobustclipError
 from robustclip.files import atomic_write, describe, remove_temporaries, resolve_device, write_text
 from robustclip.locks import locked
@@ -57,16 +65,15 @@ from robustclip.models import build_model, wrappers
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.toml", "metrics.csv", "last.pt", "best.pt")
+ENVIRONMENT_FILE = re.compile(r"environment(-resume-(\d+))?\.json")
 
 
 def _datasets(config: Config, data_dir: str | Path | None) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) image tensors in [0, 1] of shape (N, C, H, W), int64 labels."""
     tc, name = config.train, config.data.dataset
     if config.data.synthetic:
-        info = dataset_info(name)
-        n_train, n_test = tc.limit_train or 1024, tc.limit_test or 256
-        x, y = synthetic(n_train + n_test, info.shape, info.num_classes, seed=tc.seed).tensors
-        return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+        return synthetic_splits(name, tc.limit_train or SYNTHETIC_SIZES[0],
+                                tc.limit_test or SYNTHETIC_SIZES[1], tc.seed)
     return (load(name, "train", data_dir, limit=tc.limit_train or None),
             load(name, "test", data_dir, limit=tc.limit_test or None))
 
@@ -230,12 +237,20 @@ def _resume_checkpoint(out: Path, config: Config) -> dict[str, Any]:
     return ckpt
 
 
+def _environment_name(out: Path, resume: bool) -> str:
+    """``environment.json`` for a new run, ``environment-resume-<n>.json`` for its n-th resume."""
+    if not resume:
+        return "environment.json"
+    done = [int(m[2]) for p in out.iterdir() if (m := ENVIRONMENT_FILE.fullmatch(p.name)) and m[2]]
+    return f"environment-resume-{max(done, default=0) + 1}.json"
+
+
 def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool,
-                     stack: ExitStack) -> dict[str, Any] | None:
+                     stack: ExitStack, ctx: Context) -> dict[str, Any] | None:
     """Lock the run directory for the command (on ``stack``) and check it: refuse to clobber
     an existing run unless resuming (same config) or overwriting (the old run's files go).
-    Writes config.toml and metrics.csv (so an unwritable directory fails before training).
-    Returns the checkpoint to resume from, or None."""
+    Writes config.toml, metrics.csv (so an unwritable directory fails before training) and
+    the environment record.  Returns the checkpoint to resume from, or None."""
     if resume and overwrite:
         raise RobustclipError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
@@ -249,13 +264,15 @@ def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool,
                 raise RobustclipError(f"run directory {out} already exists; use --resume to continue "
                                       f"it or --overwrite to replace it")
             for path in out.iterdir():
-                if path.name in RUN_FILES or path.name.startswith("events.out.tfevents."):
+                if (path.name in RUN_FILES or path.name.startswith("events.out.tfevents.")
+                        or ENVIRONMENT_FILE.fullmatch(path.name)):
                     path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         for path in remove_temporaries(out):
             log.info("removed %s, left by an interrupted write", path)
         write_text(out / "config.toml", to_toml(config))
         _write_metrics(out / "metrics.csv", ckpt["metrics"] if ckpt else [])
+        write_environment(out, ctx.device, ctx.world_size, _environment_name(out, resume))
     except OSError as err:
         raise RobustclipError(f"cannot write run directory {out}: {describe(err)}") from None
     return ckpt
@@ -269,11 +286,11 @@ def train(config: Config | str | Path | None, out_dir: str | Path, resume: bool 
     resume: continue the run in ``out_dir`` from its ``last.pt``, which must exist; its
     stored config and config.toml must match ``config`` except train.epochs,
     train.device, log.progress (``config`` None: the stored one).  overwrite: remove the
-    old run's files (checkpoints, metrics, TensorBoard events, temporary files) from an
-    existing ``out_dir``.  The run directory is locked for the whole call (see
-    robustclip.locks).  device: overrides train.device.  data_dir: the data root (see
-    robustclip.data.data_root).  backend: the torch.distributed backend under torchrun
-    (default: see robustclip.distributed).  Returns the run directory.  Ctrl-C leaves
+    old run's files (checkpoints, metrics, TensorBoard events, environment records,
+    temporary files) from an existing ``out_dir``.  The run directory is locked for the
+    whole call (see robustclip.locks).  device: overrides train.device.  data_dir: the
+    data root (see robustclip.data.data_root).  backend: the torch.distributed backend
+    under torchrun (default: see robustclip.distributed).  Returns the run directory.  Ctrl-C leaves
     ``last.pt`` at the last completed epoch and re-raises KeyboardInterrupt.
     """
     if config is None:
@@ -299,7 +316,9 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
         raise RobustclipError(f"train.batch_size {config.train.batch_size} is smaller than the "
                               f"world size {ctx.world_size}: every rank needs a share of each batch")
     with ExitStack() as stack:  # rank 0 holds the run directory's lock until the end
-        ckpt = on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite, stack))
+        ckpt = on_main(ctx, lambda: _prepare_run_dir(out, config, resume, overwrite, stack, ctx))
+        if ckpt is not None and predates_tracking(ckpt):  # resumed without sigma tracking
+            model = model_from_checkpoint(ckpt).to(ctx.device)
         return _fit(config, out, model, ckpt, train_set, test_set, ctx)
 
 
@@ -333,6 +352,7 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out), purge_step=global_step + 1 if ckpt is not None else None)
+        _log_hparams(writer, config)
     for w in wrappers(model):
         w.writer = writer
     meta = {"model": {"name": config.model.name, "args": dict(config.model.args)},
@@ -390,6 +410,30 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
     if ctx.main:
         _warn_if_never_clipped(model, global_step)
     return out
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A nested dict as ``{"a.b.c": value}``; values that are not numbers, bools or strings
+    (lists of model arguments, say) as their JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat
+
+
+def _log_hparams(writer: Any, config: Config) -> None:
+    """The flattened config as TensorBoard hparams of this run's own event file (not the
+    sub-run ``SummaryWriter.add_hparams`` makes), with the scalar ``test/acc`` as metric."""
+    from torch.utils.tensorboard.summary import hparams
+
+    experiment, start, _ = hparams(_flat(to_dict(config)), {"test/acc": None})
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(start)
 
 
 def _warn_if_never_clipped(model: nn.Module, steps: int) -> None:

@@ -441,3 +441,30 @@ def test_a_wrong_input_shape_is_one_line_without_traceback(capfd):
     with pytest.raises(RobustclipError, match=r"model fails on input shape \(3, 28, 28\): .*channels"):
         lipschitz_report(model, (3, 28, 28))
     assert "Traceback" not in capfd.readouterr().err
+
+
+ROW_NAMES = {  # one name per operator, whatever the method: a module path, or conv+bn paths
+    "simpleconv": ["normalize", "conv1+bn1", "fc1"],
+    "simpleconv-composite": ["normalize", "conv1", "fc1"],
+    "mnist-cnn": ["normalize", "block1", "block2", "block3", "avg_pool2d", "fc"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_NAMES))
+def test_rows_are_named_by_module_path_whatever_the_method(name):
+    """A conv+BN module (models.ConvBN) is one row named by its path, as its composite
+    wrapper is (``sigma/conv1`` in metrics.csv), whether a wrapper holds it or the walk
+    pairs its conv and bn; a flat conv + BN is named by both paths."""
+    args = {"width": 2} if name == "mnist-cnn" else {"channels": 2}
+    for method in models.METHODS:
+        if method == "fastclip-composite" and name == "simpleconv":
+            continue  # no composite to wrap
+        model = models.build_model(name, "mnist", method, **args).eval()
+        _, rows = lipschitz_report(model, (1, 28, 28), iters=5, exact_max_dim=0)
+        assert list(rows["name"]) == ROW_NAMES[name], method
+        # the rows a wrapper's sigma/<name> estimates: the dense layer, and the composites
+        # that fastclip-composite wraps whole
+        composites = set(ROW_NAMES[name]) & {"conv1", "block1", "block2", "block3"}
+        wrapped = {w.name for w in models.wrappers(model)} & set(rows["name"])
+        assert wrapped == {ROW_NAMES[name][-1]} | (composites if method == "fastclip-composite"
+                                                   else set()), method

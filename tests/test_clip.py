@@ -114,6 +114,34 @@ def test_composite_stays_within_bound_at_every_step(seed):
     assert max(worst) <= 1.01, max(worst)
 
 
+class _Writer:
+    """A SummaryWriter's add_scalar, kept in a list."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.points.append((tag, value, step))
+
+
+def test_logged_sigma_is_what_the_step_leaves_behind():
+    """Gouk's per-step rescale: each logged point is the sigma after the step's rescale (the
+    value metrics.csv holds), not the one before it."""
+    torch.manual_seed(0)
+    layer, writer = inflate(nn.Linear(20, 10), 4.0), _Writer()
+    wrapped = SpectralClip(layer, clip=1.0, rescale_every_step=True, clip_events=False,
+                           name="fc", writer=writer, log_every=1).train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01)
+    logged = []
+    for step in range(1, 4):
+        opt.zero_grad()
+        wrapped(torch.randn(8, 20)).sum().backward()
+        opt.step()
+        logged.append(("sigma/fc", float(wrapped.sigmas[0]), step))
+    assert writer.points == logged
+    assert all(value <= 1.0 + 1e-6 for _, value, _ in writer.points)
+
+
 def test_eval_mode_is_a_pass_through():
     layer = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), random_bn(3))
     wrapped = SpectralClip(layer, clip=0.5, clip_steps=1).eval()

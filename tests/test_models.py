@@ -4,10 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from robustclip import SpectralClip
 from robustclip.errors import RobustclipError
-from robustclip.models import METHODS, MODELS, ConvBN, Normalize, build_model, wrappers
+from robustclip.data import synthetic
+from robustclip.models import (METHODS, MODELS, TRACKING_ONLY, ConvBN, Normalize, build_model,
+                               wrappers)
 
 SMALL = {"simpleconv": {"channels": 4}, "simpleconv-composite": {"channels": 4},
          "mnist-cnn": {"width": 4}, "resnet18": {"width": 4}, "dla": {"width": 2}}
@@ -32,9 +35,49 @@ def test_every_model_and_method_builds_and_runs(name, method):
     assert set(names) <= _unwrapped_paths(name)  # qualified paths of the unwrapped model
     convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in build_model(name, DATASET[name], **SMALL[name]).modules())
     composites = sum(isinstance(m, ConvBN) for m in build_model(name, DATASET[name], **SMALL[name]).modules())
-    expected = {"none": 0, "miyato": 0, "fastclip": convs, "gouk": convs,
+    expected = {"none": convs, "miyato": convs, "fastclip": convs, "gouk": convs,
                 "fastclip-composite": convs + composites}[method]
     assert len(names) == expected
+    assert all((w.clip is None) == (method in TRACKING_ONLY) for w in wrappers(model))
+
+
+@pytest.mark.parametrize("method", TRACKING_ONLY)
+def test_tracking_only_wrappers_change_no_bit_of_training(method):
+    """none and miyato track each layer's sigma, and train exactly as the plain model:
+    the same outputs, weights and BatchNorm statistics, bit for bit, step after step."""
+    x, y = synthetic(32, seed=0).tensors
+
+    def run(track: bool) -> tuple[nn.Module, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build_model("simpleconv", "mnist", method, {"clip": 0.5, "iters_per_step": 2},
+                            track=track, channels=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        outputs = []
+        for xb, yb in zip(x.split(8), y.split(8)):
+            out = model.train()(xb)
+            opt.zero_grad()
+            F.cross_entropy(out, yb).backward()
+            opt.step()
+            outputs.append(out.detach())
+        with torch.no_grad():
+            outputs.append(model.eval()(x))
+        return model, outputs
+
+    (plain, a), (tracked, b) = run(False), run(True)
+    assert wrappers(plain) == [] and [w.name for w in wrappers(tracked)] == ["conv1", "fc1"]
+    assert len(a) == len(b) == 5 and all(torch.equal(u, v) for u, v in zip(a, b))
+    wrapper_buffers = {f"{w.name}.{n}" for w in wrappers(tracked) for n, _ in w.named_buffers(recurse=False)}
+    state = {k.replace(".module.", "."): v for k, v in tracked.state_dict().items() if k not in wrapper_buffers}
+    assert state.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items())
+    # what they track is the layer's spectral norm (fc1: a matrix, exact by SVD); the
+    # estimate is made after each training forward, from the weights before its step
+    for _ in range(5):
+        tracked.train()(x)
+    exact = float(torch.linalg.matrix_norm(tracked.fc1.module.weight.detach(), 2))
+    assert float(tracked.fc1.sigmas[0]) == pytest.approx(exact, rel=1e-4)
+    if method == "miyato":
+        assert exact == pytest.approx(0.5, rel=0.05)
 
 
 def test_wrapper_names_and_kinds():
@@ -55,7 +98,7 @@ def test_miyato_normalises_reshaped_kernel_to_clip():
     torch.manual_seed(0)
     model = build_model("simpleconv", "mnist", "miyato", {"clip": 0.5, "iters_per_step": 30}, channels=4)
     model.train()(torch.rand(4, 1, 28, 28))
-    for layer in (model.conv1, model.fc1):
+    for layer in (model.conv1.module, model.fc1.module):  # inside the tracking wrappers
         assert float(torch.linalg.matrix_norm(layer.weight.detach().flatten(1), 2)) == pytest.approx(0.5, rel=1e-3)
 
 

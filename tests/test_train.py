@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import robustclip
 import robustclip.train as train_mod
@@ -21,7 +25,7 @@ from robustclip.config import Config, differences, from_dict, load_config, overr
 from robustclip.files import tomllib
 from robustclip.data import synthetic
 from robustclip.errors import RobustclipError
-from robustclip.models import METHODS
+from robustclip.models import METHODS, TRACKING_ONLY, wrappers
 from robustclip.train import augment, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,18 +59,32 @@ def fastclip_run(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "fastclip"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "fastclip"])  # fastclip: below
 def test_every_method_trains(tmp_path, method):
     run = train(tiny(method), tmp_path / method)
     (row,) = rows(run)
     assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "wall_time"} <= set(row)
     assert 0 <= float(row["train_acc"]) <= 1 and 0 <= float(row["test_acc"]) <= 1
     sigmas = sorted(k for k in row if k.startswith("sigma/"))
-    assert sigmas == {"none": [], "miyato": [], "gouk": ["sigma/conv1", "sigma/fc1"],
-                      "fastclip-composite": ["sigma/conv1", "sigma/conv1.conv", "sigma/fc1"]}[method]
-    assert all(0 < float(row[k]) < 1.01 for k in sigmas)  # gouk/composite: rescaled every step
-    assert {"config.toml", "metrics.csv", "last.pt", "best.pt"} <= {p.name for p in run.iterdir()}
-    assert any(p.name.startswith("events.out.tfevents.") for p in run.iterdir())
+    # every method logs each layer's sigma (none and miyato: tracking only), so runs overlay
+    assert sigmas == (["sigma/conv1", "sigma/conv1.conv", "sigma/fc1"] if method == "fastclip-composite"
+                      else ["sigma/conv1", "sigma/fc1"])
+    assert all(0 < float(row[k]) for k in sigmas)
+    if method not in TRACKING_ONLY:  # gouk/composite: rescaled every step
+        assert all(float(row[k]) < 1.01 for k in sigmas)
+    assert {"config.toml", "metrics.csv", "last.pt", "best.pt", "environment.json"} <= {p.name for p in run.iterdir()}
+    events = EventAccumulator(str(run)).Reload()
+    assert set(sigmas) <= set(events.Tags()["scalars"])
+    assert events.Scalars(sigmas[0])[-1].value == pytest.approx(float(row[sigmas[0]]))
+    hparams = events.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["method.name"].string_value == method
+    assert start.hparams["train.limit_train"].number_value == 96
+    assert start.hparams["model.args.channels"].number_value == 4
+    experiment = HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["test/acc"]
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(float(row["test_acc"]))
+    assert [p for p in run.iterdir() if p.is_dir()] == []  # hparams in the run itself, no sub-run
 
 
 def test_fastclip_run_files(fastclip_run):
@@ -74,8 +92,6 @@ def test_fastclip_run_files(fastclip_run):
     assert [r["epoch"] for r in table] == ["0", "1"]
     assert float(table[-1]["sigma/conv1"]) < 1.01  # clipped at the clip events
     assert load_config(fastclip_run / "config.toml") == tiny("fastclip", "train.epochs=2")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(fastclip_run)).Reload()
     assert {"train/loss", "test/acc", "lr", "sigma/conv1", "sigma/fc1"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("sigma/conv1")) == 6  # every step (log_every=1), 3 steps per epoch
@@ -160,18 +176,41 @@ def test_run_dir_refused_unless_resume_or_overwrite(tmp_path, fastclip_run):
         train(override(config, ["method.clip=0.5"]), fastclip_run, resume=True)
     with pytest.raises(RobustclipError, match="nothing to resume"):
         train(config, tmp_path / "empty", resume=True)
+    first = (fastclip_run / "environment.json").read_text()
     train(config, fastclip_run, resume=True)  # already done: no epoch runs, nothing changes
     assert len(rows(fastclip_run)) == 2
+    # each start leaves its record: the first one kept, the resume's beside it
+    assert (fastclip_run / "environment.json").read_text() == first
+    resumed = json.loads((fastclip_run / "environment-resume-1.json").read_text())
+    assert resumed["device"] == "cpu" and resumed["world_size"] == 1
     (tmp_path / "c.toml").write_text(to_toml(tiny("none")))
     out = tmp_path / "other"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / "environment-resume-4.json").write_text("{}")  # an old run's record
     args = ["train", "--config", str(tmp_path / "c.toml"), "--out", str(out)]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 2 and refused.output.count("\n") == 1
     assert refused.output.startswith("error: run directory")
     assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "last.pt").exists()
+    assert not (out / "environment-resume-4.json").exists()
+    record = json.loads((out / "environment.json").read_text())
+    assert record["command"] == shlex.join(sys.argv)  # CliRunner leaves sys.argv as pytest's
+
+
+def test_runs_from_before_tracking_load_and_resume(tmp_path, monkeypatch):
+    """A none run saved before none had tracking-only wrappers (plain layers in its state
+    dict) loads into the plain model and resumes as one."""
+    real = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: real(*a, track=False, **k))
+    train(tiny("none"), tmp_path / "old")
+    monkeypatch.undo()
+    assert "conv1.weight" in read_checkpoint(tmp_path / "old")["state_dict"]
+    assert wrappers(robustclip.load(tmp_path / "old")) == []
+    train(tiny("none", "train.epochs=2"), tmp_path / "old", resume=True)
+    assert [r["epoch"] for r in rows(tmp_path / "old")] == ["0", "1"]
+    assert "conv1.weight" in read_checkpoint(tmp_path / "old")["state_dict"]
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -271,4 +310,5 @@ def test_a_run_that_never_clipped_says_so(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="robustclip.train"):
         train(tiny("fastclip"), tmp_path / "clipped")  # init_delay 1 of 3 steps
+        train(tiny("none", "method.init_delay=100"), tmp_path / "none")  # wrappers only track
     assert "before the first clip event" not in caplog.text

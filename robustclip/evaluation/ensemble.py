@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustclip.bounds import lipschitz_report
+from robustclip.data import DataSource, data_source
 from robustclip.errors import RobustclipError
 
 
@@ -19,13 +20,19 @@ def meta_name(meta: Mapping[str, Any], key: str) -> str:
     return str(value.get("name", "")) if isinstance(value, Mapping) else str(value or "")
 
 
-def check_one_dataset(models: Sequence[nn.Module]) -> str | None:
-    """The dataset shared by ``models`` (from ``robustclip_meta``); mixed datasets raise."""
-    datasets = sorted({str(m.robustclip_meta["dataset"]) for m in models
-                       if getattr(m, "robustclip_meta", {}).get("dataset")})
+def check_one_dataset(models: Sequence[nn.Module]) -> DataSource | None:
+    """The test data shared by ``models`` (robustclip.data.data_source of their
+    ``robustclip_meta``): one dataset, and one synthetic split for runs trained on
+    synthetic data; mixed datasets or splits raise."""
+    sources = {data_source(m.robustclip_meta) for m in models
+               if getattr(m, "robustclip_meta", {}).get("dataset")}
+    datasets = sorted({s.dataset for s in sources})
     if len(datasets) > 1:
         raise RobustclipError(f"models of different datasets cannot be combined: {', '.join(datasets)}")
-    return datasets[0] if datasets else None
+    if len(sources) > 1:
+        raise RobustclipError("models of different test data cannot be combined: "
+                              f"{', '.join(sorted(map(str, sources)))}")
+    return next(iter(sources), None)
 
 
 class Ensemble(nn.Module):
@@ -44,14 +51,15 @@ class Ensemble(nn.Module):
             raise RobustclipError(f"ensemble output must be one of {', '.join(self.OUTPUTS)}, got {output!r}")
         if not members:
             raise RobustclipError("an ensemble needs at least one model")
-        dataset = check_one_dataset(members)
+        source = check_one_dataset(members)
         metas = [getattr(m, "robustclip_meta", {}) for m in members]
         self.members = nn.ModuleList(members)
         self.output = output
         self.training = any(m.training for m in members)  # a new Module says True: it would
         # make torchattacks call .train() on the members after each attack
         self.robustclip_meta = {
-            "model": "ensemble", "dataset": dataset, "ensemble_output": output,
+            "model": "ensemble", "dataset": source.dataset if source else None, "data_source": source,
+            "ensemble_output": output,
             "method": "+".join(meta_name(m, "method") or "?" for m in metas),
             "members": [meta_name(m, "model") or "?" for m in metas],
         }
