@@ -285,6 +285,9 @@ def transfer_cmd(**options) -> None:
 @click.option("--device", default=None)
 @click.option("--tol", type=float, default=1e-6, show_default=True, help="PowerQR convergence.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also write lipschitz.csv, layers.csv and environment.json here.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out directory whole.")
 def lipschitz_cmd(**options) -> None:
     """Per-layer sigmas and network Lipschitz bound of each RUN, against the empirical ratio."""
     from robustclip.commands import lipschitz_command

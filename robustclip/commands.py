@@ -25,8 +25,8 @@ from robustclip.evaluation.craft import Spec
 from robustclip.evaluation.journal import Journal
 from robustclip.files import write_text
 from robustclip.report import (JOURNAL, format_table, journal_dir, results_table, samples_table,
-                               write_adversarial, write_results, write_samples, write_transfer,
-                               writes_results)
+                               write_adversarial, write_lipschitz, write_results, write_samples,
+                               write_transfer, writes_results)
 from robustclip.spectral import module_device
 
 
@@ -230,19 +230,24 @@ def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequenc
     return table
 
 
+@writes_results
 def lipschitz_command(runs: Sequence[str], limit: int | None, batch_size: int, seed: int,
-                      device: str | None, tol: float, data_dir: str | None) -> pd.DataFrame:
-    """``robustclip lipschitz``: per-layer sigmas, the network bound, the empirical ratio."""
+                      device: str | None, tol: float, data_dir: str | None,
+                      out: str | None = None, overwrite: bool = False) -> pd.DataFrame:
+    """``robustclip lipschitz``: per-layer sigmas, the network bound, the empirical ratio;
+    with ``out``: lipschitz.csv (the summary), layers.csv (every model's operators) and
+    environment.json."""
     models = load_runs(runs, device)
-    rows = []
+    rows, layers = [], []
     for label, model in models.items():
         source = data_source(model.robustclip_meta)  # a synthetic run: its own test split
         images, labels = (t[: limit or 256] for t in test_set(source, limit, data_dir))
-        summary, layers = lipschitz_summary({label: model}, images, labels,
-                                            batch_size=batch_size, seed=seed, tol=tol)
+        summary, per_layer = lipschitz_summary({label: model}, images, labels, batch_size=batch_size,
+                                               seed=seed, tol=tol, progress=f"{label} | Lipschitz bound")
         _echo(f"\n{label}:")
-        _echo(format_table(layers[label]))
+        _echo(format_table(per_layer[label]))
         rows.append(summary)
+        layers.append(per_layer[label].assign(model=label))
     summary = pd.concat(rows, ignore_index=True)
     _echo("\nsigma: PowerQR's estimate (a lower bound); sigma_upper: exact or a guaranteed "
           "upper bound; bound: product/sum of sigma_upper (bound_kind upper: a guaranteed "
@@ -250,4 +255,10 @@ def lipschitz_command(runs: Sequence[str], limit: int | None, batch_size: int, s
           "empirical: largest ||f(x)-f(x')|| / ||x-x'|| over test pairs and PGD-L2 pairs "
           "(a lower bound)")
     _echo(format_table(summary))
+    if out and current().main:
+        table = pd.concat(layers, ignore_index=True)
+        table = table[["model", *[c for c in table.columns if c != "model"]]]
+        for path in write_lipschitz(Path(out), summary, table,
+                                    module_device(next(iter(models.values())))):
+            _echo(f"wrote {path}")
     return summary

@@ -12,11 +12,12 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from robustclip.errors import RobustclipError
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     import tomllib
@@ -138,6 +139,8 @@ def parse_toml_value(text: str) -> Any:
 
 def resolve_device(name: str | None = None) -> torch.device:
     """``auto``/None: CUDA when available, else CPU; otherwise the named device, checked."""
+    import torch  # here, not above: the CLI parses options with this module before torch loads
+
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

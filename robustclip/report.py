@@ -353,6 +353,16 @@ def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -
     return _final(written)
 
 
+def write_lipschitz(out: Path, summary: pd.DataFrame, layers: pd.DataFrame,
+                    device: torch.device | str | None = None) -> list[Path]:
+    """lipschitz.csv (per model: bound, bound_kind, empirical ratio), layers.csv (per
+    operator of each model) and environment.json."""
+    written = [atomic_write(out / name, lambda tmp, t=t: t.to_csv(tmp, index=False))
+               for name, t in (("lipschitz.csv", summary), ("layers.csv", layers))]
+    written.append(write_environment(out, device))
+    return _final(written)
+
+
 def _worst(table: pd.DataFrame) -> pd.DataFrame:
     """Per (model, norm, eps): the lowest robust accuracy over attacks and suites."""
     return table.loc[table.groupby(["model", "norm", "eps"])["robust_acc"].idxmin()]

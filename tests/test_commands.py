@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -128,9 +129,17 @@ def test_cli_attack_transfer_lipschitz(runs, mnist_root, tmp_path):
     assert "diagonal = white-box" in result.output
     assert (tmp_path / "tr" / "transfer_fgsm_0.1.png").is_file()
     assert json.loads((tmp_path / "tr" / "environment.json").read_text())["device"] == "cpu"
-    result = _cli("lipschitz", runs["m1"], *common)
+    result = _cli("lipschitz", runs["m1"], runs["m2"], *common, "--out", str(tmp_path / "lip"))
     assert result.exit_code == 0, result.output
     assert "conv1+bn1" in result.output and "empirical" in result.output
+    summary = pd.read_csv(tmp_path / "lip" / "lipschitz.csv")
+    layers = pd.read_csv(tmp_path / "lip" / "layers.csv")
+    assert summary.model.tolist() == ["m1", "m2"] and (summary.bound >= summary.empirical).all()
+    for row in summary.itertuples():  # the bound is the product of the operators' upper bounds
+        assert layers[layers.model == row.model].sigma_upper.prod() == pytest.approx(row.bound, rel=1e-9)
+    assert json.loads((tmp_path / "lip" / "environment.json").read_text())["device"] == "cpu"
+    again = _cli("lipschitz", runs["m1"], *common, "--out", str(tmp_path / "lip"))
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
 
 
 # ------------------------------------------------- runs trained on synthetic data (issue #12)
@@ -329,3 +338,17 @@ def test_version_and_help_need_no_torch():
             "assert v.output.strip() == 'robustclip, version 0.1.0', v.output; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_help_and_option_parsing_load_no_torch():
+    """--help, --version and parsing an attack's options stay torch-free (the first output
+    within 2 s: bench/cli_startup.py measures it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from robustclip.cli import main; "
+            "r = CliRunner(); r.invoke(main, ['--help']); r.invoke(main, ['attack', '--help']); "
+            "r.invoke(main, ['--version']); r.invoke(main, ['attack', '--eps', '8/255', '--resume', '/nonexistent/x']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
