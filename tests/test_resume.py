@@ -212,6 +212,7 @@ def test_default_out_and_saved_adversarial_examples(own_model, mnist_root, tmp_p
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
     assert first.startswith("writing to robustclip-out/")
+    assert "net | pgd Linf eps=0.05: 100%" in result.stderr and "40/40" in result.stderr  # the bar
     out = own_model / first.split()[2]
     saved = torch.load(out / "adversarial" / "net.pt", weights_only=True)
     (row,) = saved["rows"]

@@ -70,14 +70,13 @@ def transfer(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
         for m in [*models.values(), *(src for src, _ in sources.values())]:
             stack.enter_context(evaluating(m))
         cleans = {n: clean_pass(models[n], n, batches, warnings) for n in names}
-        groups = runs(specs)
-        bar = tqdm(total=len(groups) * len(sources) * len(batches), desc="transfer",
-                   disable=not progress, leave=False)
-        for group in groups:
+        for group in runs(specs):
             for src, (src_model, targets) in sources.items():
-                rows += _transfer_rows(src, src_model, targets, models, cleans, group,
-                                       batches, seed, warnings, bar)
-        bar.close()
+                eps = ",".join(f"{s.eps:g}" for s in group)
+                with tqdm(total=len(images), desc=f"transfer from {src} | {group[0].label} "
+                          f"{group[0].norm} eps={eps}", unit="img", disable=not progress) as bar:
+                    rows += _transfer_rows(src, src_model, targets, models, cleans, group,
+                                           batches, seed, warnings, bar)
     table = pd.DataFrame(rows)
     warnings += weaker_than_transfer(table)
     return Transfer(table, list(dict.fromkeys(warnings)))
@@ -112,7 +111,7 @@ def _transfer_rows(src: str, src_model: nn.Module, targets: list[str],
                     adv_ok = predicted_correct(models[t](x_adv.to(t_device)), y.to(t_device))
                     correct[(s, t)].append(ok & adv_ok)
         offset += len(x)
-        bar.update()
+        bar.update(len(x))
     accuracy = {k: float(torch.cat(v).double().mean()) for k, v in correct.items()}
     seconds = time.perf_counter() - start
     rows = []
