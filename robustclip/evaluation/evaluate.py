@@ -294,6 +294,8 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
         start, loaded = time.perf_counter(), 0.0
         keys = stages(group)
         records: dict[int, dict] = {}
+        log.debug("%s: %s on %d batches (%s)", name, _bar_label(group), len(mine),
+                  ", ".join(f"{k}={v}" for k, v in row_params(group[0]).items()))
         with tqdm(total=sum(len(batches[b][1]) for b in mine), desc=f"{name} | {_bar_label(group)}",
                   unit="img", disable=not (progress and ctx.main), leave=True) as bar:
             for b in mine:
