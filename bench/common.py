@@ -68,3 +68,60 @@ def bare_accuracy(model, attack, x, y, batch_size: int, device: torch.device) ->
         with torch.no_grad():
             correct += (model(adv).argmax(1) == yb).sum()
     return float(correct) / len(x)
+
+
+# ------------------------------------------------------------------ operator counts
+
+
+def _is_metadata_op(name: str) -> bool:
+    """Whether the aten op ``name`` (``aten::view``) computes nothing: every overload is a
+    view (returns an alias of an input, writes nothing), or it only allocates (``empty*``).
+    Such ops launch no kernel on a GPU."""
+    if name in ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_"):
+        return True
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None:
+        return False
+    for overload in packet.overloads():
+        schema = getattr(packet, overload)._schema
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        aliased = schema.returns and all(r.alias_info is not None for r in schema.returns)
+        if writes or not aliased:
+            return False
+    return True
+
+
+def operator_counts(step: Callable[[], None], n: int) -> tuple[float, float]:
+    """Run ``step`` ``n`` times under ``torch.profiler`` (CPU activity); return the mean
+    number per step of (operators, kernels).
+
+    operators: aten ops dispatched from Python or by the autograd engine, i.e. ``aten::``
+    events with no ``aten::`` event above them (``F.conv2d`` is one, whatever it calls).
+    kernels: ``aten::`` events with no ``aten::`` event below them that compute something
+    (views, reshapes, ``detach`` and bare allocations are left out): on a GPU, about one
+    kernel launch each.  Both are exact counts, deterministic on the CPU for a
+    deterministic step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    operators = kernels = 0
+    metadata: dict[str, bool] = {}
+    for e in events:
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        operators += parent is None
+        if not _has_aten_below(e):
+            if e.name not in metadata:
+                metadata[e.name] = _is_metadata_op(e.name)
+            kernels += not metadata[e.name]
+    return operators / n, kernels / n
+
+
+def _has_aten_below(event) -> bool:
+    """Whether a profiler event has an ``aten::`` event among its descendants."""
+    return any(c.name.startswith("aten::") or _has_aten_below(c) for c in event.cpu_children)
