@@ -59,3 +59,44 @@ class Offset(nn.Module):
 
     def forward(self, x):
         return self.model(x) + self.offset
+
+
+#: aten ops that read device memory on the host (a host synchronisation on a GPU):
+#: scalar reads (.item(), bool(), float(), int() all dispatch _local_scalar_dense), the
+#: error checks of linalg (eigh, svd, cholesky, inv ... read an info tensor), and the ops
+#: whose output size depends on the values
+SYNC_OPS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero",
+                      "aten::_linalg_check_errors", "aten::nonzero", "aten::masked_select",
+                      "aten::unique_consecutive", "aten::_unique2", "aten::unique_dim",
+                      "aten::equal", "aten::allclose"})
+#: Python calls that copy to the host; on a CPU tensor they dispatch nothing, so they are patched
+SYNC_CALLS = [(torch.Tensor, "cpu"), (torch.Tensor, "tolist"), (torch.Tensor, "numpy"),
+              (torch.linalg, "eigh"), (torch.linalg, "eigvalsh"), (torch.linalg, "svd"),
+              (torch.linalg, "svdvals")]
+
+
+def host_syncs(fn, monkeypatch) -> list[str]:
+    """What running ``fn()`` does that would wait for a GPU: the :data:`SYNC_OPS` it
+    dispatches (seen by ``torch.profiler``, however deep in the call tree), and its calls
+    of :data:`SYNC_CALLS` and of ``Tensor.to`` with a CPU device.  Works on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    calls: list[str] = []
+    with monkeypatch.context() as patch:
+        for owner, name in SYNC_CALLS:
+            def recording(*args, _f=getattr(owner, name), _n=name, **kwargs):
+                calls.append(_n)
+                return _f(*args, **kwargs)
+            patch.setattr(owner, name, recording)
+        to = torch.Tensor.to
+
+        def recording_to(self, *args, **kwargs):
+            target = [a for a in (*args, kwargs.get("device")) if isinstance(a, (str, torch.device))]
+            if any(torch.device(t).type == "cpu" for t in target):
+                calls.append("to(cpu)")
+            return to(self, *args, **kwargs)
+
+        patch.setattr(torch.Tensor, "to", recording_to)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    return calls + [e.name for e in prof.events() if e.name in SYNC_OPS]

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robustclip import SpectralClip, SpectralNorm, dense_singular_values
+from robustclip import SpectralClip, SpectralNorm, dense_singular_values, spectral
+from robustclip.clip import TRACK_SWEEPS
 from robustclip.errors import RobustclipError
 from helpers import inflate, random_bn
 
@@ -112,6 +113,32 @@ def test_composite_stays_within_bound_at_every_step(seed):
 
     _train(model, 200, shape, lr=0.01, on_step=check)
     assert max(worst) <= 1.01, max(worst)
+
+
+def test_per_step_ritz_values_are_exact(monkeypatch):
+    """Per-step tracking diagonalises its Rayleigh-Ritz matrix with TRACK_SWEEPS Jacobi
+    sweeps (no host sync): on every matrix met while a conv+BN composite (5 tracked
+    vectors) trains, the eigenvalues equal LAPACK's to float32 rounding."""
+    torch.manual_seed(0)
+    seen = []
+    jacobi = spectral.symmetric_eig
+
+    def recording(matrix, sweeps=10):
+        values, vectors = jacobi(matrix, sweeps)
+        seen.append((matrix.clone(), values.clone(), sweeps))
+        return values, vectors
+
+    monkeypatch.setattr(spectral, "symmetric_eig", recording)
+    shape = (1, 8, 8)
+    inner = SpectralClip(nn.Conv2d(1, 6, 3, padding=1), 1.0, clip_steps=20, init_delay=20, name="conv")
+    composite = SpectralClip(nn.Sequential(inner, nn.BatchNorm2d(6)), 1.0, clip_steps=20,
+                             init_delay=20, name="conv+bn")
+    model = nn.Sequential(composite, nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 3))
+    _train(model, 60, shape, lr=0.05, on_step=lambda step: None)
+    assert len(seen) == 60 and {s for _, _, s in seen} == {TRACK_SWEEPS}
+    worst = max(float((values.double() - torch.linalg.eigvalsh(m.double()).flip(0)).abs().max()
+                      / values[0]) for m, values, _ in seen)
+    assert worst <= 2e-6, worst
 
 
 class _Writer:

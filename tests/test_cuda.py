@@ -19,7 +19,7 @@ from robustclip import SpectralClip, dense_singular_values, singular_values
 from robustclip.bounds import lipschitz_report
 from robustclip.config import Config, override
 from robustclip.data import synthetic
-from robustclip.models import build_model
+from robustclip.models import METHODS, build_model
 from robustclip.train import train
 from helpers import inflate, random_bn, tiny_classifier
 
@@ -82,12 +82,15 @@ def _sync_warnings(fn) -> list[str]:
             if "called a synchronizing" in str(w.message)]  # not the "prototype" notice
 
 
-@pytest.mark.parametrize("method", ["fastclip", "gouk"])
+@pytest.mark.parametrize("method", METHODS)
 def test_training_steps_make_no_host_sync(method):
-    """Between clip events a training step (forward, tracking, backward, optimiser step,
-    Gouk's rescale) never waits for the device."""
+    """Between clip events a training step of every method (forward, tracking, backward,
+    optimiser step, the per-step rescale of Gouk and of the conv+BN composite, whose
+    Rayleigh-Ritz step diagonalises its 5 x 5 matrix by Jacobi sweeps) never waits for
+    the device."""
     torch.manual_seed(0)
-    model = build_model("simpleconv", "mnist", method,
+    name = "simpleconv-composite" if method == "fastclip-composite" else "simpleconv"
+    model = build_model(name, "mnist", method,
                         {"clip": 1.0, "clip_steps": 1000, "init_delay": 0}, channels=8).to(GPU)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x, y = (t.to(GPU) for t in synthetic(64, (1, 28, 28), 10, seed=0).tensors)

@@ -11,6 +11,7 @@ from robustclip.errors import RobustclipError
 from robustclip.data import synthetic
 from robustclip.models import (METHODS, MODELS, TRACKING_ONLY, ConvBN, Normalize, build_model,
                                wrappers)
+from helpers import host_syncs
 
 SMALL = {"simpleconv": {"channels": 4}, "simpleconv-composite": {"channels": 4},
          "mnist-cnn": {"width": 4}, "resnet18": {"width": 4}, "dla": {"width": 2}}
@@ -121,3 +122,44 @@ def test_errors_are_one_line(call, message):
     with pytest.raises(RobustclipError, match=None) as err:
         call()
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name,method", [
+    *[("simpleconv-composite" if m == "fastclip-composite" else "simpleconv", m) for m in METHODS],
+    ("resnet18", "fastclip-composite"), ("resnet18", "gouk")])
+def test_training_steps_make_no_host_sync(name, method, monkeypatch):
+    """Between clip events a training step of every method (forward with tracking, loss,
+    backward, SGD step with the per-step rescale) reads nothing back to the host: no
+    scalar read, no linalg error check, no value-sized output, no copy to the CPU.  On a
+    GPU each would be a synchronisation (tests/test_cuda.py checks there)."""
+    torch.manual_seed(0)
+    model = build_model(name, DATASET[name], method, {"clip": 1.0, "clip_steps": 1000, "init_delay": 0},
+                        **SMALL[name]).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    shape = (1, 28, 28) if DATASET[name] == "mnist" else (3, 32, 32)
+    x, y = synthetic(16, shape, 10, seed=0).tensors
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    steps(2)  # initialisation (shape seen, vectors drawn and validated) reads values
+    assert host_syncs(lambda: steps(3), monkeypatch) == []
+
+
+def test_the_host_sync_check_sees_syncs(monkeypatch):
+    """The check above can fail: it catches a scalar read, a bool on a tensor, a copy to
+    the CPU, eigh (its error check, nested inside), and a clip event."""
+    t = torch.ones(3)
+    assert host_syncs(lambda: t.sum().item(), monkeypatch) == ["aten::item", "aten::_local_scalar_dense"]
+    assert "aten::is_nonzero" in host_syncs(lambda: bool(t.sum() > 0), monkeypatch)
+    assert host_syncs(lambda: t.cpu(), monkeypatch) == ["cpu"]
+    assert host_syncs(lambda: t.to("cpu"), monkeypatch) == ["to(cpu)"]
+    assert "aten::_linalg_check_errors" in host_syncs(lambda: torch.linalg.eigh(torch.eye(3)), monkeypatch)
+    model = build_model("simpleconv", "mnist", "fastclip", {"clip": 1.0, "clip_steps": 2, "init_delay": 0},
+                        channels=4).train()
+    x = torch.rand(4, 1, 28, 28)
+    model(x)
+    assert "aten::_local_scalar_dense" in host_syncs(lambda: model(x), monkeypatch)  # step 2: clip event

@@ -173,6 +173,115 @@ def test_bad_k_and_nan_weights():
         singular_values(conv, (1, 5, 5))
 
 
+# ---------------------------------------------------------------- the small eigensolver of per-step tracking
+
+#: per dtype: tolerance on eigenvalues and residuals (relative to ||M||), on orthonormality,
+#: and on the projector onto each group of equal or nearly equal eigenvalues
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _spectrum(k: int, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, list[list[int]]]:
+    """Eigenvalues (descending, float64) of a test matrix and its groups (positions of
+    equal or nearly equal eigenvalues; groups are >= 0.7 apart).  kind: ``distinct``,
+    ``repeated`` (exact repeats) or ``clustered`` (repeats perturbed by 1e-7)."""
+    sizes = [1] * k if kind == "distinct" else [[3, 2, 1, 2][i % 4] for i in range(k)]
+    while sum(sizes) > k:
+        sizes[-1] -= 1
+        sizes = [s for s in sizes if s]
+    centres = torch.linspace(3.0, -2.0, len(sizes), dtype=torch.float64) if len(sizes) > 1 \
+        else torch.tensor([1.5], dtype=torch.float64)
+    spread = 1e-7 if kind == "clustered" else 0.0
+    values, groups = [], []
+    for centre, size in zip(centres, sizes):
+        groups.append(list(range(len(values), len(values) + size)))
+        values += (centre + spread * torch.randn(size, generator=gen, dtype=torch.float64)).tolist()
+    return torch.tensor(values, dtype=torch.float64), groups
+
+
+def _symmetric(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Q diag(values) Q^T for a random orthogonal Q (float64)."""
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=gen, dtype=torch.float64))
+    m = (q * values) @ q.T
+    return (m + m.T) / 2
+
+
+def _check_eig(m: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor,
+               groups: list[list[int]] | None) -> None:
+    """values/vectors of m against torch.linalg.eigh (same dtype): eigenvalues, residual,
+    orthonormality, and, with ``groups``, the projector onto each group's eigenspace."""
+    tol = TOL[m.dtype]
+    norm = float(torch.linalg.matrix_norm(m.double(), 2))
+    ref_values, ref_vectors = torch.linalg.eigh(m)
+    ref_values, ref_vectors = ref_values.flip(0), ref_vectors.flip(1)
+    assert values.dtype == vectors.dtype == m.dtype
+    assert float((values - ref_values).abs().max()) <= tol * norm, (values, ref_values)
+    assert bool((values[:-1] >= values[1:]).all())
+    eye = torch.eye(len(values), dtype=m.dtype)
+    assert float((vectors.T @ vectors - eye).abs().max()) <= tol
+    assert float((m @ vectors - vectors * values).abs().max()) <= tol * norm
+    for group in groups or []:
+        mine = vectors[:, group] @ vectors[:, group].T
+        ref = ref_vectors[:, group] @ ref_vectors[:, group].T
+        assert float((mine - ref).abs().max()) <= 10 * tol, (group, values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind", ["distinct", "repeated", "clustered"])
+@pytest.mark.parametrize("k", range(1, 9))
+def test_symmetric_eig_matches_eigh(k, kind, dtype):
+    """Jacobi in its default 10 sweeps against LAPACK: eigenvalues, residual,
+    orthonormality, and the eigenspace of each group of (nearly) repeated eigenvalues."""
+    gen = torch.Generator().manual_seed(100 * k)
+    for _ in range(5):
+        values, groups = _spectrum(k, kind, gen)
+        m = _symmetric(values, gen).to(dtype)
+        _check_eig(m, *spectral.symmetric_eig(m), groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_symmetric_eig_on_random_and_degenerate_matrices(dtype):
+    """Gaussian symmetric matrices (any gaps), scaled ones, a zero matrix, the identity, a
+    diagonal one out of order and a rank-one one."""
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    for k in range(1, 9):
+        a = torch.randn(k, k, generator=gen, dtype=torch.float64)
+        cases += [a + a.T, 1e6 * (a + a.T), 1e-6 * (a + a.T)]
+        cases += [torch.zeros(k, k, dtype=torch.float64), torch.eye(k, dtype=torch.float64),
+                  torch.diag(torch.randn(k, generator=gen, dtype=torch.float64)),
+                  a[:, :1] @ a[:, :1].T]
+    for m in cases:
+        m = m.to(dtype)
+        _check_eig(m, *spectral.symmetric_eig(m), None)
+
+
+def test_symmetric_eig_sweeps_are_what_converges_it():
+    """One sweep does not diagonalise a random 8 x 8 matrix; the default does."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    m = a + a.T
+    exact = torch.linalg.eigvalsh(m).flip(0)
+    assert float((spectral.symmetric_eig(m, sweeps=1)[0] - exact).abs().max()) > 1e-3
+    assert float((spectral.symmetric_eig(m)[0] - exact).abs().max()) < 1e-12
+
+
+def test_power_qr_step_with_jacobi_matches_eigh():
+    """The sync-free Rayleigh-Ritz step gives eigh's Ritz values and the same next block."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), _bn(4))
+    shape = (2, 6, 6)
+    A = spectral.linear_map(conv, shape)
+    x = spectral.random_block(5, shape, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # a cold block, then warmer ones
+        with spectral.eval_mode(conv):
+            ref_sigma, ref_next = spectral.power_qr_step(A, x)
+            sigma, nxt = spectral.power_qr_step(A, x, sweeps=10)
+        assert torch.allclose(sigma, ref_sigma, rtol=1e-5), (sigma, ref_sigma)
+        overlap = (nxt.flatten(1) * ref_next.flatten(1)).sum(1).abs()  # rows agree up to sign
+        assert torch.allclose(overlap, torch.ones(5), atol=1e-4), overlap
+        x = ref_next
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
