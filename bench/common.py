@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 from typing import Callable
@@ -73,17 +74,26 @@ def bare_accuracy(model, attack, x, y, batch_size: int, device: torch.device) ->
 # ------------------------------------------------------------------ operator counts
 
 
+#: aten ops that change metadata or allocate, in place or not, and compute nothing
+_METADATA_OPS = frozenset({"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_",
+                           "aten::as_strided_", "aten::_unsafe_view", "aten::set_", "aten::detach_",
+                           "aten::squeeze_", "aten::unsqueeze_", "aten::t_", "aten::transpose_"})
+
+
+@functools.lru_cache(maxsize=None)
 def _is_metadata_op(name: str) -> bool:
     """Whether the aten op ``name`` (``aten::view``) computes nothing: every overload is a
-    view (returns an alias of an input, writes nothing), or it only allocates (``empty*``).
+    view (returns an alias of an input, writes nothing), or it is in :data:`_METADATA_OPS`.
     Such ops launch no kernel on a GPU."""
-    if name in ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_"):
+    if name in _METADATA_OPS:
         return True
     packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
     if packet is None:
         return False
     for overload in packet.overloads():
         schema = getattr(packet, overload)._schema
+        if not any(isinstance(a.type, torch.TensorType) for a in schema.arguments):
+            continue  # aten::slice.str and the like
         writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
         aliased = schema.returns and all(r.alias_info is not None for r in schema.returns)
         if writes or not aliased:
@@ -97,31 +107,33 @@ def operator_counts(step: Callable[[], None], n: int) -> tuple[float, float]:
 
     operators: aten ops dispatched from Python or by the autograd engine, i.e. ``aten::``
     events with no ``aten::`` event above them (``F.conv2d`` is one, whatever it calls).
-    kernels: ``aten::`` events with no ``aten::`` event below them that compute something
-    (views, reshapes, ``detach`` and bare allocations are left out): on a GPU, about one
-    kernel launch each.  Both are exact counts, deterministic on the CPU for a
-    deterministic step.
+    kernels: aten ops that compute (not views, reshapes, ``detach`` or allocations) with
+    no computing aten op below them: on a GPU about one kernel launch each (``matmul``
+    counts as its ``bmm``; an op that computes and also calls a computing op, such as the
+    CPU ``addmm`` copying its bias, counts once).  Both are exact counts, deterministic on
+    the CPU for a deterministic step.
     """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(n):
             step()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
     operators = kernels = 0
-    metadata: dict[str, bool] = {}
-    for e in events:
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
         parent = e.cpu_parent
         while parent is not None and not parent.name.startswith("aten::"):
             parent = parent.cpu_parent
         operators += parent is None
-        if not _has_aten_below(e):
-            if e.name not in metadata:
-                metadata[e.name] = _is_metadata_op(e.name)
-            kernels += not metadata[e.name]
+        kernels += _computes(e) and not _computes_below(e)
     return operators / n, kernels / n
 
 
-def _has_aten_below(event) -> bool:
-    """Whether a profiler event has an ``aten::`` event among its descendants."""
-    return any(c.name.startswith("aten::") or _has_aten_below(c) for c in event.cpu_children)
+def _computes(event) -> bool:
+    return event.name.startswith("aten::") and not _is_metadata_op(event.name)
+
+
+def _computes_below(event) -> bool:
+    """Whether a profiler event has a computing aten op among its descendants."""
+    return any(_computes(c) or _computes_below(c) for c in event.cpu_children)

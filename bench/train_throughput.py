@@ -27,10 +27,13 @@ about one kernel launch each on a GPU).  Both are exact and deterministic on the
     python bench/train_throughput.py [--model simpleconv|resnet18] [--steps N]
         [--rounds 3] [--profile-steps 3] [--batch-size 128] [--clip-steps 50]
         [--device auto] [--threads N]
+
+``--rounds 0`` counts operators only (no timing).
 """
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
         for method, (_, model, optimizer) in runs.items():
             rates[method].append(_steps(model, optimizer, batches, steps, device))
         log.info("round %d/%d done", r + 1, args.rounds)
-    median = {m: statistics.median(v) for m, v in rates.items()}
+    median = {m: statistics.median(v) if v else math.nan for m, v in rates.items()}  # --rounds 0: counts only
     print(f"{args.model} on {device}, torch {torch.__version__}, batch {args.batch_size}, "
           f"{args.rounds} rounds x {steps} steps, clip every {args.clip_steps} steps, "
           f"{torch.get_num_threads()} threads; ops/kernels: mean of {args.profile_steps} "
@@ -132,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
         cost = {base: median[base] / median[method] for base in ("plain", "none")}
         ops, kernels = counts[method]
         print(f"{method:<19} {name:<21} {median[method]:>8.0f} {cost['plain']:>10.3f} "
-              f"{cost['none']:>9.3f} {ops:>7.0f} {ops / counts['plain'][0]:>6.2f} "
-              f"{ops / counts['none'][0]:>6.2f} {kernels:>7.0f} "
+              f"{cost['none']:>9.3f} {ops:>7.1f} {ops / counts['plain'][0]:>6.2f} "
+              f"{ops / counts['none'][0]:>6.2f} {kernels:>7.1f} "
               f"{kernels / counts['plain'][1]:>6.2f} {kernels / counts['none'][1]:>6.2f}")
     return {m: (median[m], *counts[m]) for m in runs}
 
