@@ -173,6 +173,23 @@ def random_block(k: int, input_shape: Sequence[int], *, like: Tensor | None = No
     return q.T.reshape((k, *input_shape)).to(device)
 
 
+def _products(A: LinearMap, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(A x, A^T A x) of the block x (k, *input_shape), without graph; A^T A x is the input
+    gradient of 0.5 ||A x||^2 (no weight's .grad is touched)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = A(x)
+        (g,) = torch.autograd.grad(y, x, grad_outputs=y)
+    return y.detach(), g
+
+
+def _next_block(g: Tensor, evals: Tensor, evecs: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """Ritz values from the eigenpairs (descending) of the Rayleigh-Ritz matrix, and the
+    next block: A^T A x rotated to the Ritz order, orthonormalised (QR), shape ``shape``."""
+    q, _ = torch.linalg.qr(g.flatten(1).T @ evecs)  # (d, k), columns in Ritz order
+    return evals.clamp_min(0).sqrt(), q.T.reshape(shape)
+
+
 def power_qr_step(A: LinearMap, x: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     """One PowerQR iteration with a Rayleigh-Ritz step.
 
@@ -184,24 +201,42 @@ def power_qr_step(A: LinearMap, x: Tensor, sweeps: int | None = None) -> tuple[T
     (exact; on CUDA it synchronises with the host); a number uses that many Jacobi
     sweeps of :func:`symmetric_eig` instead, with no host synchronisation at all.
     """
-    k = x.shape[0]
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        y = A(x)
-        (g,) = torch.autograd.grad(y, x, grad_outputs=y)  # A^T A x, no weight .grad touched
-    with torch.no_grad():
-        if k == 1:
-            sigma = torch.linalg.vector_norm(y, dim=tuple(range(1, y.dim())))
-            return sigma, g / torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
-        y, g = y.flatten(1), g.flatten(1)
-        gram = y @ y.T
-        if sweeps is None:
-            evals, evecs = torch.linalg.eigh(gram)  # ascending
-            evals, evecs = evals.flip(0), evecs.flip(1)
+    if sweeps is not None:
+        return power_qr_steps([(A, x)], sweeps)[0]
+    y, g = _products(A, x)
+    if x.shape[0] == 1:
+        return _single(y, g)
+    y = y.flatten(1)
+    evals, evecs = torch.linalg.eigh(y @ y.T)  # ascending
+    return _next_block(g, evals.flip(0), evecs.flip(1), x.shape)
+
+
+def _single(y: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """A PowerQR step of a one-vector block: sigma = ||A x||, next x = g / ||g||."""
+    sigma = torch.linalg.vector_norm(y, dim=tuple(range(1, y.dim())))
+    return sigma, g / torch.linalg.vector_norm(g).clamp_min(torch.finfo(g.dtype).tiny)
+
+
+def power_qr_steps(steps: Sequence[tuple[LinearMap, Tensor]], sweeps: int) -> list[tuple[Tensor, Tensor]]:
+    """:func:`power_qr_step` with ``sweeps`` Jacobi sweeps for each (A, x) of ``steps``;
+    the small eigenproblems of the blocks of one size, dtype and device are solved
+    together (one batched :func:`symmetric_eig`), so that the number of operations it
+    launches does not grow with the number of layers.  No host synchronisation."""
+    products = [_products(A, x) for A, x in steps]
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(steps)
+    batches: dict[tuple, list[int]] = {}
+    for i, ((_, x), (y, g)) in enumerate(zip(steps, products)):
+        if x.shape[0] == 1:
+            out[i] = _single(y, g)
         else:
-            evals, evecs = symmetric_eig(gram, sweeps)
-        q, _ = torch.linalg.qr(g.T @ evecs)  # (d, k), columns in Ritz order
-        return evals.clamp_min(0).sqrt(), q.T.reshape(x.shape)
+            batches.setdefault((x.shape[0], y.dtype, y.device), []).append(i)
+    for members in batches.values():
+        ys = [products[i][0].flatten(1) for i in members]
+        grams = torch.stack([y @ y.T for y in ys]) if len(ys) > 1 else (ys[0] @ ys[0].T)[None]
+        evals, evecs = symmetric_eig(grams, sweeps)
+        for j, i in enumerate(members):
+            out[i] = _next_block(products[i][1], evals[j], evecs[j], steps[i][1].shape)
+    return out  # type: ignore[return-value]
 
 
 def power_qr(A: LinearMap, x: Tensor, iters: int, tol: float | None = None,
@@ -265,9 +300,9 @@ def _jacobi_plan(k: int, dtype: torch.dtype, device: torch.device) -> tuple[tupl
     """Constant matrices of each Jacobi round of :func:`symmetric_eig` for k x k inputs,
     made once per (k, dtype, device).  Per round with m pairs (p_j, q_j):
 
-    select (4m, k*k): the flattened matrix -> (2 a_pq (twice), a_qq - a_pp (twice));
+    select (k*k, 4m): the flattened matrix -> (2 a_pq (twice), a_qq - a_pp (twice));
     offset (2m,): 0 for the cosines, -pi/2 for the sines;
-    place (k*k, 2m) and fixed (k*k,): (cos, sin) -> the flattened rotation J, with
+    place (2m, k*k) and fixed (k*k,): (cos, sin) -> the flattened rotation J, with
     J_pp = J_qq = cos, J_pq = sin, J_qp = -sin, and 1 on the diagonal of the index
     sitting the round out.
     """
@@ -289,7 +324,8 @@ def _jacobi_plan(k: int, dtype: torch.dtype, device: torch.device) -> tuple[tupl
             fixed[i * k + i] = 1.0
         offset = torch.cat([torch.zeros(m, dtype=torch.float64),
                             torch.full((m,), -math.pi / 2, dtype=torch.float64)])
-        plan.append(tuple(t.to(dtype=dtype, device=device) for t in (select, offset, place, fixed)))
+        plan.append(tuple(t.to(dtype=dtype, device=device).contiguous()
+                          for t in (select.T, offset, place.T, fixed)))
     return tuple(plan)
 
 
@@ -308,23 +344,30 @@ def symmetric_eig(matrix: Tensor, sweeps: int = 10) -> tuple[Tensor, Tensor]:
     From a nearly diagonal matrix (the warm start of per-step tracking) fewer do: see
     ``robustclip.clip.TRACK_SWEEPS``.
 
-    matrix: (k, k) symmetric, k small (<= ~8: a sweep is about k rounds of k x k products).
+    matrix: (..., k, k) symmetric, k small (<= ~8: a sweep is about k rounds of k x k
+    products); a batch of them is solved together, for the cost of one.
     sweeps: the fixed number of sweeps.
-    Returns (values (k,), vectors (k, k)) with matrix @ vectors[:, i] = values[i] * vectors[:, i].
+    Returns (values (..., k), vectors (..., k, k)) with
+    matrix @ vectors[..., :, i] = values[..., i] * vectors[..., :, i].
     """
     k = matrix.shape[-1]
-    vectors = torch.eye(k, dtype=matrix.dtype, device=matrix.device)
+    batch = matrix.shape[:-2]
+    matrix = matrix.reshape(-1, k, k)
+    vectors = None
     for _ in range(sweeps):
         for select, offset, place, fixed in _jacobi_plan(k, matrix.dtype, matrix.device):
-            y, x = torch.mv(select, matrix.reshape(-1)).chunk(2)  # 2 a_pq, a_qq - a_pp
-            # tan(2 phi) = y / x, with |2 phi| <= pi/2: atan2(y sign(x), |x|) (x = 0 counts as +)
-            two_phi = torch.atan2(torch.copysign(y, y * x), x.abs())
-            rotation = torch.addmv(fixed, place, torch.cos(torch.add(offset, two_phi, alpha=0.5)))
-            rotation = rotation.view(k, k)
-            matrix = rotation.T @ (matrix @ rotation)
-            vectors = vectors @ rotation
-    values, order = torch.sort(matrix.diagonal(), descending=True)
-    return values, vectors[:, order]
+            y, x = torch.mm(matrix.view(-1, k * k), select).chunk(2, dim=1)  # 2 a_pq, a_qq - a_pp
+            # tan(2 phi) = y / x with |2 phi| <= pi/2 (the inner rotation); 0 / 0: no rotation
+            two_phi = torch.atan(torch.nan_to_num(y / x, nan=0.0))
+            cos_sin = torch.cos(torch.add(offset, two_phi, alpha=0.5))
+            rotation = torch.addmm(fixed, cos_sin, place).view(-1, k, k)
+            matrix = torch.bmm(rotation.mT, torch.bmm(matrix, rotation))
+            vectors = rotation if vectors is None else torch.bmm(vectors, rotation)
+    if vectors is None:  # k = 1 or no sweeps
+        vectors = torch.eye(k, dtype=matrix.dtype, device=matrix.device).expand_as(matrix)
+    values, order = torch.sort(matrix.diagonal(dim1=-2, dim2=-1), descending=True)
+    vectors = torch.take_along_dim(vectors, order[:, None, :], dim=2)
+    return values.reshape(*batch, k), vectors.reshape(*batch, k, k)
 
 
 def check_finite(module: nn.Module, name: str) -> None:

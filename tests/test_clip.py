@@ -136,9 +136,50 @@ def test_per_step_ritz_values_are_exact(monkeypatch):
     model = nn.Sequential(composite, nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 3))
     _train(model, 60, shape, lr=0.05, on_step=lambda step: None)
     assert len(seen) == 60 and {s for _, _, s in seen} == {TRACK_SWEEPS}
-    worst = max(float((values.double() - torch.linalg.eigvalsh(m.double()).flip(0)).abs().max()
-                      / values[0]) for m, values, _ in seen)
+    assert {m.shape for m, _, _ in seen} == {(1, 5, 5)}  # k + 4 vectors; one layer per batch
+    worst = max(float((values.double() - torch.linalg.eigvalsh(m.double()).flip(-1)).abs().max()
+                      / values[0, 0]) for m, values, _ in seen)
     assert worst <= 2e-6, worst
+
+
+def test_rescale_hook_batches_every_composite_of_a_step(monkeypatch):
+    """After an optimiser step the rescale hook tracks all composites of the model with one
+    batched eigensolve, and leaves exactly what rescaling them one by one leaves."""
+    from robustclip import clip as clip_module
+    from robustclip.data import synthetic
+    from robustclip.models import build_model
+
+    x, y = synthetic(32, seed=0).tensors
+
+    def run(one_by_one: bool) -> tuple[dict, list]:
+        torch.manual_seed(0)
+        model = build_model("mnist-cnn", "mnist", "fastclip-composite",
+                            {"clip": 1.0, "clip_steps": 3, "init_delay": 1}, width=4).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        batches = []
+        jacobi = spectral.symmetric_eig
+
+        def recording(matrix, sweeps=10):
+            batches.append(matrix.shape[0])
+            return jacobi(matrix, sweeps)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(spectral, "symmetric_eig", recording)
+            if one_by_one:
+                batched = clip_module.rescale
+                patch.setattr(clip_module, "rescale", lambda ws: [batched([w]) for w in ws])
+            for xb, yb in zip(x.split(8), y.split(8)):
+                opt.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                opt.step()
+        return model.state_dict(), batches
+
+    together, batches = run(False)
+    alone, single = run(True)
+    # 3 composites (5 vectors each), 4 steps: the first (init_delay) tracks in each forward
+    assert batches == [1, 1, 1, 3, 3, 3] and single == [1] * 12
+    for key, value in together.items():
+        assert torch.allclose(alone[key].float(), value.float(), atol=1e-6), key
 
 
 class _Writer:

@@ -265,6 +265,35 @@ def test_symmetric_eig_sweeps_are_what_converges_it():
     assert float((spectral.symmetric_eig(m)[0] - exact).abs().max()) < 1e-12
 
 
+def test_symmetric_eig_solves_a_batch_as_one_matrix_at_a_time():
+    gen = torch.Generator().manual_seed(11)
+    batch = torch.stack([_symmetric(_spectrum(6, kind, gen)[0], gen)
+                         for kind in ("distinct", "repeated", "clustered")]).reshape(3, 1, 6, 6)
+    values, vectors = spectral.symmetric_eig(batch)
+    assert values.shape == (3, 1, 6) and vectors.shape == (3, 1, 6, 6)
+    for i in range(3):
+        one_values, one_vectors = spectral.symmetric_eig(batch[i, 0])
+        assert torch.allclose(values[i, 0], one_values, rtol=0, atol=1e-13)
+        assert torch.allclose(vectors[i, 0], one_vectors, rtol=0, atol=1e-12)
+        _check_eig(batch[i, 0], values[i, 0], vectors[i, 0], None)
+
+
+def test_power_qr_steps_of_several_layers_match_one_at_a_time():
+    """Blocks of different sizes and layers, batched by size: each result is the
+    single-layer step's (one-vector blocks need no eigensolver)."""
+    torch.manual_seed(0)
+    cases = [(nn.Conv2d(2, 4, 3, padding=1), (2, 6, 6), 5), (nn.Linear(12, 7), (12,), 5),
+             (nn.Sequential(nn.Conv2d(1, 3, 3), _bn(3)), (1, 7, 7), 3), (nn.Linear(5, 9), (5,), 1)]
+    steps = [(spectral.linear_map(m, shape), spectral.random_block(p, shape)) for m, shape, p in cases]
+    with spectral.eval_mode(cases[2][0]):
+        together = spectral.power_qr_steps(steps, sweeps=10)
+        alone = [spectral.power_qr_step(A, x, sweeps=10) for A, x in steps]
+    for (sigma, nxt), (one_sigma, one_nxt), (_, x) in zip(together, alone, steps):
+        assert sigma.shape == (x.shape[0],) and nxt.shape == x.shape
+        assert torch.allclose(sigma, one_sigma, rtol=1e-6)
+        assert torch.allclose(nxt, one_nxt, atol=1e-5)
+
+
 def test_power_qr_step_with_jacobi_matches_eigh():
     """The sync-free Rayleigh-Ritz step gives eigh's Ritz values and the same next block."""
     torch.manual_seed(0)
