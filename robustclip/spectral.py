@@ -356,8 +356,9 @@ def symmetric_eig(matrix: Tensor, sweeps: int = 10) -> tuple[Tensor, Tensor]:
     vectors = None
     for _ in range(sweeps):
         for select, offset, place, fixed in _jacobi_plan(k, matrix.dtype, matrix.device):
-            y, x = torch.mm(matrix.view(-1, k * k), select).chunk(2, dim=1)  # 2 a_pq, a_qq - a_pp
-            # tan(2 phi) = y / x with |2 phi| <= pi/2 (the inner rotation); 0 / 0: no rotation
+            y, x = torch.mm(matrix.reshape(-1, k * k), select).chunk(2, dim=1)  # 2 a_pq, a_qq - a_pp
+            # tan(2 phi) = y / x with |2 phi| <= pi/2 (the inner rotation); 0 / 0 (nothing
+            # to rotate): no rotation; y / 0 = +-inf becomes +-max float, atan = +-pi/2
             two_phi = torch.atan(torch.nan_to_num(y / x, nan=0.0))
             cos_sin = torch.cos(torch.add(offset, two_phi, alpha=0.5))
             rotation = torch.addmm(fixed, cos_sin, place).view(-1, k, k)

@@ -276,6 +276,8 @@ def test_symmetric_eig_solves_a_batch_as_one_matrix_at_a_time():
         assert torch.allclose(values[i, 0], one_values, rtol=0, atol=1e-13)
         assert torch.allclose(vectors[i, 0], one_vectors, rtol=0, atol=1e-12)
         _check_eig(batch[i, 0], values[i, 0], vectors[i, 0], None)
+    expanded, _ = spectral.symmetric_eig(batch[0, 0].mT.expand(2, 6, 6))  # not contiguous
+    assert torch.allclose(expanded, values[0].expand(2, 6), rtol=0, atol=1e-13)
 
 
 def test_power_qr_steps_of_several_layers_match_one_at_a_time():
