@@ -75,7 +75,8 @@ def bare_accuracy(model, attack, x, y, batch_size: int, device: torch.device) ->
 
 
 #: aten ops that change metadata or allocate, in place or not, and compute nothing
-_METADATA_OPS = frozenset({"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_",
+_METADATA_OPS = frozenset({"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+                           "aten::new_empty_strided", "aten::resize_",
                            "aten::as_strided_", "aten::_unsafe_view", "aten::set_", "aten::detach_",
                            "aten::squeeze_", "aten::unsqueeze_", "aten::t_", "aten::transpose_"})
 

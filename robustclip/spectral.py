@@ -298,34 +298,35 @@ def _round_robin(k: int) -> list[list[tuple[int, int]]]:
 @functools.lru_cache(maxsize=None)
 def _jacobi_plan(k: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[Tensor, ...], ...]:
     """Constant matrices of each Jacobi round of :func:`symmetric_eig` for k x k inputs,
-    made once per (k, dtype, device).  Per round with m pairs (p_j, q_j):
+    made once per (k, dtype, device).  Per round with m pairs (p_j, q_j), the index that
+    sits the round out (odd k) being a pair of its own whose angle is always 0:
 
     select (k*k, 4m): the flattened matrix -> (2 a_pq (twice), a_qq - a_pp (twice));
     offset (2m,): 0 for the cosines, -pi/2 for the sines;
-    place (2m, k*k) and fixed (k*k,): (cos, sin) -> the flattened rotation J, with
-    J_pp = J_qq = cos, J_pq = sin, J_qp = -sin, and 1 on the diagonal of the index
-    sitting the round out.
+    place (2m, k*k): (cos, sin) -> the flattened rotation J, with J_pp = J_qq = cos,
+    J_pq = sin, J_qp = -sin, and J_ii = cos 0 = 1 for the index i sitting out.
     """
     plan = []
     for pairs in _round_robin(k):
+        out = sorted(set(range(k)) - {i for pair in pairs for i in pair})
+        pairs = pairs + [(i, i) for i in out]
         m = len(pairs)
         select = torch.zeros(4 * m, k * k, dtype=torch.float64)
         place = torch.zeros(k * k, 2 * m, dtype=torch.float64)
-        fixed = torch.zeros(k * k, dtype=torch.float64)
         for j, (p, q) in enumerate(pairs):
+            place[p * k + p, j] = place[q * k + q, j] = 1.0
+            if p == q:
+                continue  # select: 0 / 0, no rotation
             for row in (j, m + j):
                 select[row, p * k + q] = 2.0
                 select[2 * m + row, q * k + q] = 1.0
                 select[2 * m + row, p * k + p] = -1.0
-            place[p * k + p, j] = place[q * k + q, j] = 1.0
             place[p * k + q, m + j] = 1.0
             place[q * k + p, m + j] = -1.0
-        for i in set(range(k)) - {i for pair in pairs for i in pair}:
-            fixed[i * k + i] = 1.0
         offset = torch.cat([torch.zeros(m, dtype=torch.float64),
                             torch.full((m,), -math.pi / 2, dtype=torch.float64)])
         plan.append(tuple(t.to(dtype=dtype, device=device).contiguous()
-                          for t in (select.T, offset, place.T, fixed)))
+                          for t in (select.T, offset, place.T)))
     return tuple(plan)
 
 
@@ -355,13 +356,13 @@ def symmetric_eig(matrix: Tensor, sweeps: int = 10) -> tuple[Tensor, Tensor]:
     matrix = matrix.reshape(-1, k, k)
     vectors = None
     for _ in range(sweeps):
-        for select, offset, place, fixed in _jacobi_plan(k, matrix.dtype, matrix.device):
+        for select, offset, place in _jacobi_plan(k, matrix.dtype, matrix.device):
             y, x = torch.mm(matrix.reshape(-1, k * k), select).chunk(2, dim=1)  # 2 a_pq, a_qq - a_pp
             # tan(2 phi) = y / x with |2 phi| <= pi/2 (the inner rotation); 0 / 0 (nothing
             # to rotate): no rotation; y / 0 = +-inf becomes +-max float, atan = +-pi/2
             two_phi = torch.atan(torch.nan_to_num(y / x, nan=0.0))
             cos_sin = torch.cos(torch.add(offset, two_phi, alpha=0.5))
-            rotation = torch.addmm(fixed, cos_sin, place).view(-1, k, k)
+            rotation = torch.mm(cos_sin, place).view(-1, k, k)
             matrix = torch.bmm(rotation.mT, torch.bmm(matrix, rotation))
             vectors = rotation if vectors is None else torch.bmm(vectors, rotation)
     if vectors is None:  # k = 1 or no sweeps
