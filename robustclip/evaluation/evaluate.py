@@ -35,8 +35,8 @@ from robustclip.empirical import screened_ratio
 from robustclip.distributed import all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError, first_line
 from robustclip.evaluation.cascade import Cascade
-from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, discarded_warnings,
-                                          mode_warning,
+from robustclip.evaluation.checks import (SanityWarning, Tally, cascade_missed, clean_warnings,
+                                          discarded_warnings, mode_warning,
                                           rising_with_eps, square_stronger, start_point_warnings,
                                           weaker_than_fgsm)
 from robustclip.evaluation.craft import (Spec, adversarial, distance, evaluating, row_params, runs,
@@ -234,7 +234,7 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
     if ctx.distributed:  # mode warnings are per rank; the others are the same on every rank
         evaluation.warnings = [w for part in all_gather(evaluation.warnings, ctx) for w in part]
     _combine(evaluation, suite)
-    for check in (weaker_than_fgsm, square_stronger, rising_with_eps):
+    for check in (weaker_than_fgsm, square_stronger, rising_with_eps, cascade_missed):
         evaluation.warnings += check(evaluation.results)
     evaluation.warnings = list(dict.fromkeys(evaluation.warnings))
     return evaluation
