@@ -67,6 +67,7 @@ class MethodConfig:
 ATTACKS = ("none", "fgsm-rs", "pgd")
 ADVERSARIAL_LOSSES = ("adversarial", "trades")
 BN_MODES = ("train", "eval")
+LOSSES = ("cross-entropy", "lipschitz-margin")
 
 
 @dataclass
@@ -105,6 +106,9 @@ class AdversarialConfig:
 class TrainConfig:
     """SGD with momentum and StepLR (lr *= gamma every step_size epochs).  limit_train /
     limit_test: use the first N samples (0: all).  device: auto, cpu, cuda or cuda:N.
+    loss: "cross-entropy" or "lipschitz-margin" (Tsuzuku et al. 2018: sqrt(2) L eps_cert
+    added to every logit but the true one before the cross-entropy, L the network's
+    training bound, see robustclip.margin; eps_cert: L2 radius in pixel units).
     adversarial: the [train.adversarial] table."""
 
     epochs: int = 60
@@ -119,6 +123,8 @@ class TrainConfig:
     limit_train: int = 0
     limit_test: int = 0
     device: str = "auto"
+    loss: str = "cross-entropy"
+    eps_cert: float = 0.0
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
@@ -218,15 +224,23 @@ def _check(config: Config, where: str) -> None:
 
 
 def _check_losses(tc: TrainConfig, where: str) -> None:
-    """The [train.adversarial] table's values."""
+    """The loss, the margin's radius and the [train.adversarial] table agree."""
     adv = tc.adversarial
-    for key, value, valid in [("train.adversarial.attack", adv.attack, ATTACKS),
+    for key, value, valid in [("train.loss", tc.loss, LOSSES),
+                              ("train.adversarial.attack", adv.attack, ATTACKS),
                               ("train.adversarial.loss", adv.loss, ADVERSARIAL_LOSSES),
                               ("train.adversarial.bn_mode", adv.bn_mode, BN_MODES)]:
         if value not in valid:
             raise _unknown("value", value, valid, f" for {key}{where}")
+    if tc.loss == "lipschitz-margin" and not tc.eps_cert > 0:
+        raise RobustclipError(f"train.loss = 'lipschitz-margin' needs train.eps_cert > 0 "
+                              f"(the L2 radius to certify){where}")
     if adv.attack == "none":
         return
+    if tc.loss != "cross-entropy":
+        raise RobustclipError(f"train.adversarial.attack = {adv.attack!r} trains with "
+                              f"train.adversarial.loss; it does not combine with train.loss = "
+                              f"{tc.loss!r}{where}")
     if not 0 < adv.eps <= 1:
         raise RobustclipError(f"train.adversarial.eps must be in (0, 1] (pixel units), got "
                               f"{adv.eps!r}{where}")

@@ -1,6 +1,7 @@
 """The loss of one training step, as the config chooses it.
 
-* ``train.adversarial.attack = "none"``: the cross-entropy of the batch;
+* ``train.loss = "cross-entropy"`` with ``train.adversarial.attack = "none"``: the
+  cross-entropy of the batch;
 * adversarial training (``train.adversarial``, robustclip.adversarial): examples crafted
   against the model under ``passive`` (the spectral wrappers take no step), then
   ``loss = "adversarial"``: the cross-entropy of the adversarial examples alone, or
@@ -8,7 +9,9 @@
   maximising that KL from the clean predictions.  TRADES takes ONE training-mode forward
   of the clean and adversarial batch together, so that the wrappers take one tracking
   step (and clip event) per optimiser step as in any run; BatchNorm's batch and running
-  statistics are then those of the 2N images (TRADES' reference code runs two forwards).
+  statistics are then those of the 2N images (TRADES' reference code runs two forwards);
+* ``train.loss = "lipschitz-margin"`` (robustclip.margin): the cross-entropy of the
+  logits with sqrt(2) * L * eps_cert added to every logit but the true one.
 
 The random starts are drawn from a generator on the training device seeded by
 (train.seed, global step), for the whole global batch (a rank takes its rows): they are
@@ -29,6 +32,7 @@ from torch import Tensor
 from robustclip.adversarial import craft, default_step, passive, uniform_noise
 from robustclip.config import Config
 from robustclip.distributed import Context
+from robustclip.margin import TrainingBound, margin_logits
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,8 @@ class Objective:
     """``objective(x, y, rows, total, step)`` -> (logits, per-sample losses (N,)).
 
     net: the model as trained (DDP-wrapped under torchrun): the one training-mode forward
-    per step goes through it; model: the plain model, which crafting uses.  x, y: this rank's share ``rows`` of a global batch of ``total`` images (on the
+    per step goes through it; model: the plain model, which crafting and the margin's L
+    use.  x, y: this rank's share ``rows`` of a global batch of ``total`` images (on the
     device); step: the 0-based global step.  The logits are those accuracy is scored on:
     the adversarial examples' for ``loss = "adversarial"``, the clean ones otherwise.
     steps_per_epoch: global batches per epoch (the eps warm-up's unit).
@@ -47,7 +52,10 @@ class Objective:
                  input_shape: Sequence[int], steps_per_epoch: int) -> None:
         tc = config.train
         self.net, self.model, self.seed = net, model, tc.seed
-        self.adv = tc.adversarial
+        self.adv, self.eps_cert = tc.adversarial, tc.eps_cert
+        self.bound = TrainingBound(model, input_shape) if tc.loss == "lipschitz-margin" else None
+        if self.bound is not None:
+            log.info("lipschitz-margin loss, eps_cert %g: %s", tc.eps_cert, self.bound.describe())
         self.adversarial = self.adv.attack != "none"
         if self.adversarial:
             self.generator = torch.Generator(device=ctx.device)
@@ -72,7 +80,10 @@ class Objective:
         if self.adversarial:
             return self._adversarial(x, y, rows, total, step)
         logits = self.net(x)
-        return logits, F.cross_entropy(logits, y, reduction="none")
+        if self.bound is None:
+            return logits, F.cross_entropy(logits, y, reduction="none")
+        return logits, F.cross_entropy(margin_logits(logits, y, self.bound(), self.eps_cert), y,
+                                       reduction="none")
 
     def _adversarial(self, x: Tensor, y: Tensor, rows: slice, total: int,
                      step: int) -> tuple[Tensor, Tensor]:

@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torchattacks
+from click.testing import CliRunner
 
 from robustclip.adversarial import OverfittingMonitor, craft, passive, uniform_noise
 from robustclip.checkpoint import load
-from robustclip.config import Config, override
+from robustclip.cli import main
+from robustclip.config import Config, override, to_toml
 from robustclip.data import synthetic_splits
 from robustclip.distributed import Context
 from robustclip.errors import RobustclipError
@@ -133,15 +135,27 @@ def test_bn_mode_train_uses_batch_statistics_without_updating_them():
     ("train.adversarial.beta=-1", r"train.adversarial.beta must be >= 0"),
     ("train.adversarial.steps=0", r"steps and monitor_steps must be >= 1"),
     ("train.adversarial=3", r"\[train.adversarial\].* must be a table"),
+    ("train.loss=margin", r"unknown value 'margin' for train.loss.*valid: cross-entropy, lipschitz-margin"),
+    ("train.loss=lipschitz-margin", r"needs train.eps_cert > 0"),
     ("train.advers.eps=1", r"unknown key 'train.advers' in --set"),
 ])
 def test_config_errors_are_one_line(assignment, message):
     base = ["train.adversarial.attack=fgsm-rs", "train.adversarial.eps=0.3"]
-    if assignment.startswith("train.advers."):
+    if assignment.startswith("train.loss") or assignment.startswith("train.advers."):
         base = []
     with pytest.raises(RobustclipError, match=message) as err:
         override(Config(), [*base, assignment])
     assert "\n" not in str(err.value)
+
+
+def test_adversarial_and_margin_losses_do_not_combine(tmp_path):
+    text = to_toml(tiny("none", *FGSM)).replace('loss = "cross-entropy"', 'loss = "lipschitz-margin"').replace(
+        "eps_cert = 0.0", "eps_cert = 1.0")
+    (tmp_path / "c.toml").write_text(text)
+    result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "c.toml"),
+                                       "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "does not combine with train.loss = 'lipschitz-margin'" in result.output
 
 
 # ---------------------------------------------------------------------------- training

@@ -109,10 +109,12 @@ def test_training_steps_make_no_host_sync(method):
                   "train.adversarial.warmup_epochs=1"]),
     ("gouk", ["train.adversarial.attack=pgd", "train.adversarial.eps=0.3",
               "train.adversarial.steps=3", "train.adversarial.loss=trades"]),
-], ids=["fgsm-rs", "trades-pgd"])
-def test_adversarial_steps_make_no_host_sync(method, extra):
+    ("none", ["train.loss=lipschitz-margin", "train.eps_cert=1.0"]),  # tracked L
+], ids=["fgsm-rs", "trades-pgd", "margin"])
+def test_adversarial_and_margin_steps_make_no_host_sync(method, extra):
     """A training step of robustclip.objectives (random start, crafting under passive with
-    BatchNorm in train mode, the TRADES forward) never waits for the device (a composite's step makes one sync of its own: not tested here)."""
+    BatchNorm in train mode, the TRADES forward, the margin's differentiable L) never
+    waits for the device (a composite's step makes one sync of its own: not tested here)."""
     torch.manual_seed(0)
     config = override(Config(), [f"method.name={method}", *extra])
     model = build_model("simpleconv", "mnist", method, {"clip": 1.0, "clip_steps": 1000, "init_delay": 0},
