@@ -307,7 +307,11 @@ def test_shipped_configs_parse_and_round_trip(path):
     config = load_config(path)
     assert from_dict(tomllib.loads(to_toml(config))) == config
     model, _, method = path.stem.partition("-")[2].partition("-")
+    method = method.removesuffix("-fgsm").removesuffix("-margin")  # the training loss
     assert (config.method.name, config.model.name.split("-")[0]) == (method, model)
+    if path.stem.endswith("-fgsm"):  # issue 14's settings: FGSM-RS at eps 0.3
+        assert (config.train.adversarial.attack, config.train.adversarial.eps) == ("fgsm-rs", 0.3)
+    assert (config.train.loss == "lipschitz-margin") == path.stem.endswith("-margin")
 
 
 def test_a_run_that_never_clipped_says_so(tmp_path, caplog):
