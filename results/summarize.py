@@ -158,8 +158,9 @@ def render() -> str:
             parts += [f"{attack} eps {eps:g}:", "", markdown(m.reset_index()), ""]
     for ens in sorted(HERE.glob("ensemble-*/results.json")):
         e = pd.DataFrame(json.loads(ens.read_text()))
-        parts += [f"## White-box {_evaluation(e)} on {ens.parent.name}: its members and their "
-                  f"ensemble (first {int(e.n.iloc[0])} test images)", "",
+        title = _evaluation(e)
+        parts += [f"## {title[0].upper()}{title[1:]}, white-box, on {ens.parent.name}: its members "
+                  f"and their ensemble (first {int(e.n.iloc[0])} test images)", "",
                   markdown(robust_by_eps(_main_rows(e))), ""]
     parts += ["## What the numbers say", "", (HERE / "FINDINGS.md").read_text()]
     return "\n".join(parts)
