@@ -283,7 +283,7 @@ def _breakers(result: AttackResult, results: Sequence[AttackResult]) -> list[Att
         return [r for r in same if r.cascade == result.attack]
     if result.cascade:
         stages = [r for r in same if r.cascade == result.cascade]
-        return stages[:stages.index(result) + 1]
+        return stages[:next(i for i, r in enumerate(stages) if r is result) + 1]
     if result.name == "suite":
         return [r for r in same if not r.cascade and r.attack in result.params.get("attacks", [])]
     return [result]
