@@ -42,6 +42,10 @@ def main() -> None:
         atomic_write(out / f"robust_vs_eps_{norm}.png",
                      lambda tmp, p=part, n=norm: plot_robust_vs_eps(p, n, tmp))
     atomic_write(out / "robust_vs_lipschitz.png", lambda tmp: plot_robust_vs_lipschitz(table, tmp))
+    environments = [json.loads((Path(f) / "environment.json").read_text()) for f in args.folders
+                    if (Path(f) / "environment.json").exists()]  # written by each run
+    if environments:
+        write_text(out / "environment.json", json.dumps(environments, indent=1) + "\n")
     independent = [Path(f) / "independent_l2.csv" for f in args.folders]
     if all(f.exists() for f in independent):  # results/compare_l2.py of each folder
         both = pd.concat([pd.read_csv(f) for f in independent], ignore_index=True)

@@ -118,9 +118,9 @@ def evaluate(model: nn.Module | Mapping[str, nn.Module], data: Any,
     except ValueError as err:
         raise RobustclipError(f"eps: {err}") from None
     attack_list = [attacks] if isinstance(attacks, str) else list(attacks)
-    specs, suite_name = attack_specs(eps_values, attack_list, None if suite is None else str(suite), norm,
-                               "quick" if quick else "standard",
-                               {"steps": steps, "n_restarts": n_restarts})
+    specs, suite_name = attack_specs(eps_values, attack_list, None if suite is None else str(suite),
+                                     norm, "quick" if quick else "standard",
+                                     {"steps": steps, "n_restarts": n_restarts})
     images, labels = _tensors(data, limit, data_dir)
     with results_dir(out, overwrite, resume) as work:
         return evaluate_and_write({"data": models}, {"data": (images, labels)}, specs, suite_name,

@@ -11,7 +11,8 @@ model input (method.md section 4):
   sigma(operator at its input shape) * L(input);
 * a conv whose only user is its BatchNorm: ONE composite operator Sequential(conv, bn);
 * 1-Lipschitz maps (relu, relu6, hardtanh, leaky_relu with |slope| <= 1, tanh, identity,
-  dropout in eval), flatten/view/reshape/permute, basic slicing: L(input);
+  dropout in eval, robustclip.activations.GroupSort / MaxMin), flatten/view/reshape/permute,
+  basic slicing, pixel (un)shuffle: L(input);
   sigmoid: L(input) / 4; max pooling: sqrt(max windows holding one input) * L(input);
 * add/sub: L(a) + L(b) (|alpha| L(b) for torch.add(a, b, alpha)); cat: sqrt(sum L_i^2);
 * anything else: :class:`RobustclipError` "cannot bound <op>".
@@ -46,6 +47,7 @@ from torch import Tensor
 from torch.fx.passes.shape_prop import ShapeProp
 from tqdm import tqdm
 
+from robustclip.activations import GroupSort
 from robustclip.errors import RobustclipError, first_line
 from robustclip.spectral import (
     _BATCHNORMS,
@@ -59,8 +61,9 @@ from robustclip.upper_bounds import AVG_POOL_FUNCTIONS, sigma_upper_bound
 log = logging.getLogger(__name__)
 
 _ISOMETRY_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
-                     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_ONE_LIP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh)
+                     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.PixelShuffle,
+                     nn.PixelUnshuffle)
+_ONE_LIP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, GroupSort)
 _MAXPOOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _ISOMETRY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                        torch.permute, torch.transpose, F.dropout, F.dropout1d, F.dropout2d,

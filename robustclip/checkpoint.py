@@ -60,17 +60,7 @@ def checkpoint_file(path_or_run_dir: str | Path) -> Path:
 def read_checkpoint(path_or_run_dir: str | Path) -> dict[str, Any]:
     """Load a robustclip checkpoint safely (weights only, CPU tensors) and check its format."""
     path = checkpoint_file(path_or_run_dir)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        globals_ = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
-        if globals_:
-            raise RobustclipError(f"refusing to load {path}: it is a pickle that carries code "
-                                  f"({globals_[0]}); robustclip checkpoints hold plain data only") from None
-        raise RobustclipError(f"{path} is corrupt or not a torch checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise RobustclipError(f"{path} is corrupt or not a torch checkpoint: "
-                              f"{str(err).splitlines()[0][:120]}") from None
+    ckpt = _load_plain(path, str(path), "robustclip checkpoints hold plain data only", "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise RobustclipError(f"{path} is not a robustclip checkpoint (a foreign file or a bare "
                               f"state dict); train with `robustclip train`")
@@ -81,6 +71,22 @@ def read_checkpoint(path_or_run_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise RobustclipError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return ckpt
+
+
+def _load_plain(path: Path, what: str, hint: str, kind: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a pickle that carries code or a
+    file that is not a torch ``kind`` is one line naming ``what`` (``hint``: how to make a
+    good one)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        globals_ = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if globals_:
+            raise RobustclipError(f"refusing to load {what}: it is a pickle that carries code "
+                                  f"({globals_[0]}); {hint}") from None
+        raise RobustclipError(f"{what} is corrupt or not a torch {kind}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise RobustclipError(f"{what} is corrupt or not a torch {kind}: {first_line(err)[:120]}") from None
 
 
 def load_state(model: nn.Module, ckpt: dict[str, Any]) -> None:
@@ -198,14 +204,7 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     """Load a state dict file (or a dict with 'state_dict') into ``model``, strictly."""
     if not path.is_file():
         raise RobustclipError(f"--weights {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise RobustclipError(f"refusing to load --weights {path}: it is not plain tensor data "
-                              "(save it with torch.save(model.state_dict(), path))") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise RobustclipError(f"--weights {path} is corrupt or not a torch file: "
-                              f"{first_line(err)[:120]}") from None
+    state = _load_plain(path, f"--weights {path}", "save it with torch.save(model.state_dict(), path)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -37,8 +37,8 @@ def _echo(text: str = "") -> None:
 
 
 def attack_specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None,
-           norm: str | None = None, default: str = "standard",
-           overrides: Mapping[str, Any] | None = None) -> tuple[list, str | None]:
+                 norm: str | None = None, default: str = "standard",
+                 overrides: Mapping[str, Any] | None = None) -> tuple[list, str | None]:
     """The specs of a command: a suite's, else each --attack (default ``default``) at each
     --eps in ``norm``; ``overrides`` (--steps, --n-restarts) go to every attack having them."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -98,7 +98,7 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
     """
     settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "resume", "device")}
     specs, suite_name = attack_specs(eps, attacks, suite, norm, "quick" if quick else "standard",
-                               {"steps": steps, "n_restarts": n_restarts})
+                                     {"steps": steps, "n_restarts": n_restarts})
     if (model is None) != (dataset is None):
         raise RobustclipError("--model pkg.module:factory needs --dataset (and --dataset a --model)")
     if weights and not model:
@@ -205,7 +205,7 @@ def transfer_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequenc
     """``robustclip transfer``: N x N transfer matrices and surrogate-ensemble rows (PGD
     by default, the standard for transfer)."""
     specs, _ = attack_specs(eps, attacks, suite, norm, "pgd" if norm != "L2" else "pgdl2",
-                      {"steps": steps, "n_restarts": n_restarts})
+                            {"steps": steps, "n_restarts": n_restarts})
     out_dir = Path(out) if out else None  # prepared by @writes_results
     models = load_runs(runs, device)
     dataset = check_one_dataset(list(models.values()))

@@ -1,10 +1,11 @@
-"""Training configuration: TOML files with sections [model], [data], [method], [train], [log].
+"""Training configuration: TOML files with sections [model], [data], [method], [train]
+(with its table [train.adversarial]) and [log].
 
 Every key has a default (the schema below); an unknown or misspelt key is an error that
 names it, suggests the closest valid key and lists the valid ones.  ``--set
-section.key=value`` overrides are parsed as TOML values (bare words are strings) and
-typed by the schema.  :func:`to_toml` writes the resolved config that a run directory
-keeps as ``config.toml``.
+section.key=value`` (``train.adversarial.eps=0.3`` for a key of a sub-table) overrides
+are parsed as TOML values (bare words are strings) and typed by the schema.
+:func:`to_toml` writes the resolved config that a run directory keeps as ``config.toml``.
 """
 from __future__ import annotations
 
@@ -63,10 +64,52 @@ class MethodConfig:
     refine_iters: int = _CLIP_DEFAULTS["refine_iters"]
 
 
+ATTACKS = ("none", "fgsm-rs", "pgd")
+ADVERSARIAL_LOSSES = ("adversarial", "trades")
+BN_MODES = ("train", "eval")
+LOSSES = ("cross-entropy", "lipschitz-margin")
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial training (robustclip.adversarial), off with attack "none".
+
+    attack: "fgsm-rs" (Wong et al. 2020: uniform random start in the eps ball, one signed
+    gradient step of step_size, projection) or "pgd" (Madry et al. 2018: uniform random
+    start, ``steps`` signed steps of step_size, each projected).  eps: Linf radius in
+    pixel units (inputs in [0, 1]).  step_size: at the full eps, in pixel units; 0 means
+    1.25 eps for fgsm-rs, 2.5 eps / steps for pgd.  warmup_epochs: eps (and step_size)
+    ramp linearly from 0 to their values over the first warmup_epochs epochs, step by
+    step (0: full from the first step).  loss: "adversarial" (cross-entropy on the
+    adversarial examples only) or "trades" (Zhang et al. 2019: CE(clean) + beta *
+    KL(p(x) || p(x_adv)), the examples maximising the KL).  bn_mode: BatchNorm while
+    crafting: "train" (batch statistics, running ones left alone; Wong et al.'s and
+    Madry's code) or "eval" (running statistics; TRADES' code).  monitor_samples: the
+    first N test samples on which PGD-monitor_steps accuracy at eps is measured each
+    epoch (``pgd_acc``; 0: off); a drop of more than overfit_drop from the previous
+    epoch is flagged as catastrophic overfitting."""
+
+    attack: str = "none"
+    eps: float = 0.0
+    step_size: float = 0.0
+    steps: int = 10
+    warmup_epochs: int = 0
+    loss: str = "adversarial"
+    beta: float = 6.0
+    bn_mode: str = "train"
+    monitor_samples: int = 256
+    monitor_steps: int = 10
+    overfit_drop: float = 0.2
+
+
 @dataclass
 class TrainConfig:
     """SGD with momentum and StepLR (lr *= gamma every step_size epochs).  limit_train /
-    limit_test: use the first N samples (0: all).  device: auto, cpu, cuda or cuda:N."""
+    limit_test: use the first N samples (0: all).  device: auto, cpu, cuda or cuda:N.
+    loss: "cross-entropy" or "lipschitz-margin" (Tsuzuku et al. 2018: sqrt(2) L eps_cert
+    added to every logit but the true one before the cross-entropy, L the network's
+    training bound, see robustclip.margin; eps_cert: L2 radius in pixel units).
+    adversarial: the [train.adversarial] table."""
 
     epochs: int = 60
     batch_size: int = 128
@@ -80,6 +123,9 @@ class TrainConfig:
     limit_train: int = 0
     limit_test: int = 0
     device: str = "auto"
+    loss: str = "cross-entropy"
+    eps_cert: float = 0.0
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass
@@ -133,19 +179,27 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     return value
 
 
+def _table(cls: type, values: Any, prefix: str, where: str) -> Any:
+    """The dataclass ``cls`` from a TOML table: keys checked, values typed, sub-tables
+    (fields whose type is a dataclass) recursively."""
+    if not isinstance(values, Mapping):
+        raise RobustclipError(f"[{prefix}]{where} must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    typed = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown("key", f"{prefix}.{key}", hints, where)
+        if dataclasses.is_dataclass(hints[key]):
+            typed[key] = _table(hints[key], value, f"{prefix}.{key}", where)
+        else:
+            typed[key] = _typed(f"{prefix}.{key}", value, hints[key])
+    return cls(**typed)
+
+
 def from_dict(raw: Mapping[str, Any], where: str = "") -> Config:
     """Validate a nested dict (as read from TOML) into a :class:`Config`; defaults fill gaps."""
-    sections = {}
-    for section, cls in SECTIONS.items():
-        values = raw.get(section, {})
-        if not isinstance(values, Mapping):
-            raise RobustclipError(f"[{section}]{where} must be a table, got {values!r}")
-        hints = typing.get_type_hints(cls)
-        for key in values:
-            if key not in hints:
-                raise _unknown("key", f"{section}.{key}", hints, where)
-        sections[section] = cls(**{key: _typed(f"{section}.{key}", value, hints[key])
-                                   for key, value in values.items()})
+    sections = {section: _table(cls, raw.get(section, {}), section, where)
+                for section, cls in SECTIONS.items()}
     for section in raw:
         if section not in SECTIONS:
             raise _unknown("section", section, SECTIONS, where)
@@ -166,6 +220,32 @@ def _check(config: Config, where: str) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "step_size"):
         if getattr(config.train, key) < 1:
             raise RobustclipError(f"train.{key} must be >= 1{where}")
+    _check_losses(config.train, where)
+
+
+def _check_losses(tc: TrainConfig, where: str) -> None:
+    """The loss, the margin's radius and the [train.adversarial] table agree."""
+    adv = tc.adversarial
+    for key, value, valid in [("train.loss", tc.loss, LOSSES),
+                              ("train.adversarial.attack", adv.attack, ATTACKS),
+                              ("train.adversarial.loss", adv.loss, ADVERSARIAL_LOSSES),
+                              ("train.adversarial.bn_mode", adv.bn_mode, BN_MODES)]:
+        if value not in valid:
+            raise _unknown("value", value, valid, f" for {key}{where}")
+    if tc.loss == "lipschitz-margin" and not tc.eps_cert > 0:
+        raise RobustclipError(f"train.loss = 'lipschitz-margin' needs train.eps_cert > 0 "
+                              f"(the L2 radius to certify){where}")
+    if adv.attack == "none":
+        return
+    if tc.loss != "cross-entropy":
+        raise RobustclipError(f"train.adversarial.attack = {adv.attack!r} trains with "
+                              f"train.adversarial.loss; it does not combine with train.loss = "
+                              f"{tc.loss!r}{where}")
+    if not 0 < adv.eps <= 1:
+        raise RobustclipError(f"train.adversarial.eps must be in (0, 1] (pixel units), got "
+                              f"{adv.eps!r}{where}")
+    if adv.steps < 1 or adv.monitor_steps < 1:
+        raise RobustclipError(f"train.adversarial.steps and monitor_steps must be >= 1{where}")
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
@@ -181,7 +261,8 @@ def load_config(path: str | Path) -> Config:
 def override(config: Config, assignments: Iterable[str]) -> Config:
     """A copy of ``config`` with ``section.key=value`` assignments applied, in order.
 
-    ``model.args.NAME=value`` sets one model argument.
+    ``model.args.NAME=value`` sets one model argument, ``train.adversarial.KEY=value`` a
+    key of that table.
     """
     raw = to_dict(config)
     pairs = []
@@ -191,13 +272,15 @@ def override(config: Config, assignments: Iterable[str]) -> Config:
             raise RobustclipError(f"--set expects section.key=value, got {text!r}")
         pairs.append((key.strip(), parse_toml_value(value.strip())))
     for key, value in pairs:
-        section, _, name = key.partition(".")
+        section, *path, name = key.split(".")
         if section not in raw:
             raise _unknown("section", section, raw, " in --set")
-        if section == "model" and name.startswith("args."):
-            raw["model"]["args"][name[5:]] = value
-        else:
-            raw[section][name] = value
+        table = raw[section]
+        for i, part in enumerate(path):
+            if not isinstance(table.get(part), dict):
+                raise _unknown("key", ".".join([section, *path[: i + 1]]), table, " in --set")
+            table = table[part]
+        table[name] = value
     return from_dict(raw, " (after overrides)")
 
 
@@ -228,8 +311,20 @@ def to_toml(config: Config) -> str:
     return "\n".join(lines)
 
 
+def _keys(config: Config) -> dict[str, Any]:
+    """``{"section.key": value}``, sub-tables of the schema flattened (``train.adversarial.eps``);
+    model.args stays one value."""
+    flat = {}
+    for section, values in to_dict(config).items():
+        for key, value in values.items():
+            if isinstance(value, dict) and (section, key) != ("model", "args"):
+                flat |= {f"{section}.{key}.{k}": v for k, v in value.items()}
+            else:
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
 def differences(a: Config, b: Config, ignore: Iterable[str] = RESUMABLE_CHANGES) -> list[str]:
     """``section.key (a vs b)`` for each key where two configs differ, ``ignore`` left out."""
-    da, db = to_dict(a), to_dict(b)
-    return [f"{s}.{k} ({da[s][k]!r} vs {db[s][k]!r})" for s in da for k in da[s]
-            if f"{s}.{k}" not in ignore and da[s][k] != db[s][k]]
+    da, db = _keys(a), _keys(b)
+    return [f"{k} ({da[k]!r} vs {db[k]!r})" for k in da if k not in ignore and da[k] != db[k]]

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from robustclip.activations import GroupSort
 from robustclip.clip import SpectralClip
 from robustclip.data import DatasetInfo, dataset_info
 from robustclip.errors import RobustclipError, first_line
@@ -94,6 +95,47 @@ class MnistCNN(nn.Module):
         for block in (self.block1, self.block2, self.block3):
             x = F.relu(block(x))
         return self.fc(F.avg_pool2d(x, 2).flatten(1))
+
+
+class LipNet(nn.Module):
+    """A Lipschitz-friendly MNIST network: 4 convs (3x3, stride 1: width, width, 2 width,
+    2 width channels), each pair followed by a 2x2 pixel unshuffle (space to depth: an
+    exact isometry, where a strided conv's guaranteed bound is up to sqrt(2) loose), and
+    3 dense layers (hidden, hidden, classes), MaxMin (GroupSort of 2) activations, no
+    BatchNorm; ``batchnorm=True``: ConvBN convs, for ``fastclip-composite``.  The input is
+    centred (dataset mean) but not divided by the dataset std: that scaling would multiply
+    the network's Lipschitz bound (by 3.2 on MNIST) for nothing the first conv cannot
+    learn.  MaxMin is 1-Lipschitz and keeps gradient norms, so the network's bound is the
+    product of its layers' spectral norms; the weights start orthogonal (kernels as
+    (out, in * 9) matrices), so that a deep MaxMin stack neither fades nor explodes.
+    Input: (N, C, H, W), H and W multiples of 4."""
+
+    def __init__(self, info: DatasetInfo, width: int = 16, hidden: int = 256,
+                 batchnorm: bool = False) -> None:
+        super().__init__()
+        c, h, w = info.shape
+        if width < 2 or width % 2 or hidden < 2 or hidden % 2 or h % 4 or w % 4:
+            raise ValueError(f"width and hidden must be even and >= 2 (MaxMin pairs channels), "
+                             f"the image sides multiples of 4; got {width}, {hidden}, {h}x{w}")
+        self.normalize = Normalize(info.mean, (1.0,) * c)
+
+        def conv(cin: int, cout: int) -> nn.Module:
+            return ConvBN(cin, cout) if batchnorm else nn.Conv2d(cin, cout, 3, padding=1)
+        self.features = nn.Sequential(
+            conv(c, width), GroupSort(), conv(width, width), GroupSort(), nn.PixelUnshuffle(2),
+            conv(4 * width, 2 * width), GroupSort(), conv(2 * width, 2 * width), GroupSort(),
+            nn.PixelUnshuffle(2))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * width * (h // 4) * (w // 4), hidden), GroupSort(),
+            nn.Linear(hidden, hidden), GroupSort(), nn.Linear(hidden, info.num_classes))
+        for m in self.modules():  # orthogonal rows: signals and gradients keep their scale
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(self.normalize(x)))
 
 
 # ---------------------------------------------------------------------------- CIFAR
@@ -188,6 +230,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "simpleconv": SimpleConv,
     "simpleconv-composite": lambda info, **kw: SimpleConv(info, composite=True, **kw),
     "mnist-cnn": MnistCNN,
+    "lipnet": LipNet,
+    "lipnet-composite": lambda info, **kw: LipNet(info, batchnorm=True, **kw),
     "resnet18": ResNet18,
     "dla": DLA,
 }
@@ -218,7 +262,8 @@ def _targets(model: nn.Module, method: str) -> list[tuple[str, nn.Module]]:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, layers)]
     if method == "fastclip-composite" and not any(isinstance(m, ConvBN) for _, m in found):
         raise RobustclipError("method 'fastclip-composite' needs conv+BN composites; this model "
-                              "has none (use simpleconv-composite instead of simpleconv)")
+                              "has none (use simpleconv-composite instead of simpleconv, lipnet-composite "
+                              "instead of lipnet)")
     return found[::-1]  # pre-order reversed: a composite's conv is wrapped before it
 
 

@@ -283,7 +283,7 @@ def _breakers(result: AttackResult, results: Sequence[AttackResult]) -> list[Att
         return [r for r in same if r.cascade == result.attack]
     if result.cascade:
         stages = [r for r in same if r.cascade == result.cascade]
-        return stages[:stages.index(result) + 1]
+        return stages[:next(i for i, r in enumerate(stages) if r is result) + 1]
     if result.name == "suite":
         return [r for r in same if not r.cascade and r.attack in result.params.get("attacks", [])]
     return [result]
@@ -417,6 +417,10 @@ def plot_robust_vs_lipschitz(table: pd.DataFrame, path: str) -> None:
            ylim=(-0.02, 1.02), title="Robust accuracy vs Lipschitz bound")
     ax.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(0, 0)))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # plain numbers, no crowded minor labels
+    bounds = sorted(worst["lipschitz_bound"].unique())
+    if bounds and bounds[-1] < 10 * bounds[0]:  # within a decade no power of 10 is in view:
+        ax.set_xticks(bounds, [f"{b:.4g}" for b in bounds])  # label the models' bounds
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)

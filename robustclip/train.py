@@ -4,9 +4,15 @@ A run directory holds:
 
 - ``config.toml``: the resolved config;
 - ``metrics.csv``: one row per epoch (0-based): epoch, train_loss, train_acc, test_loss,
-  test_acc (accuracies as fractions in [0, 1]), ``sigma/<layer>`` (each tracked layer's
-  top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (used in that epoch),
-  wall_time (seconds the epoch took, training and testing);
+  test_acc (accuracies as fractions in [0, 1]; train_loss is the loss the optimiser
+  minimised, train_acc the accuracy of the logits robustclip.objectives scores: on the
+  adversarial examples for adversarial training's "adversarial" loss, on the clean
+  images otherwise), with adversarial training pgd_acc (PGD accuracy on held-out test
+  samples), catastrophic_overfitting (1 when it fell, see
+  robustclip.adversarial.OverfittingMonitor) and adv_eps (the eps of the epoch's last
+  step), ``sigma/<layer>`` (each tracked layer's top-k singular values,
+  ``sigma/<layer>/i`` for i > 1), lr (used in that epoch), wall_time (seconds the epoch
+  took, training and testing);
 - TensorBoard events: the same scalars at the global training step, plus each layer's
   singular-value trace every ``log.log_every`` steps, and the flattened config as hparams
   (metric ``test/acc``: TensorBoard's HPARAMS tab shows its last value);
@@ -37,8 +43,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import re
 import time
+import zlib
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -50,6 +58,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from robustclip.adversarial import OverfittingMonitor
 from robustclip.checkpoint import (load_state, model_from_checkpoint, predates_tracking,
                                    read_checkpoint, save_checkpoint)
 from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
@@ -61,6 +70,7 @@ from robustclip.errors import RobustclipError
 from robustclip.files import atomic_write, describe, remove_temporaries, resolve_device, write_text
 from robustclip.locks import locked
 from robustclip.models import build_model, wrappers
+from robustclip.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +123,17 @@ def _shares(data: TensorDataset, batches: Sequence[Tensor], ctx: Context | None,
 def _run_epoch(model: nn.Module, shares: Iterator[Share], steps: int, ctx: Context,
                optimizer: torch.optim.Optimizer | None = None,
                transform: Callable[[Tensor, slice, int], Tensor] | None = None,
-               desc: str = "", progress: bool = True) -> tuple[float, float, int]:
+               desc: str = "", progress: bool = True, objective: Objective | None = None,
+               first_step: int = 0) -> tuple[float, float, int]:
     """One pass over ``steps`` shares: training when ``optimizer`` is given, else evaluation.
 
-    Training weights each rank's summed loss by world size / global batch size, so the
+    Training minimises ``objective`` (robustclip.objectives; its step numbers start at
+    ``first_step``), evaluation measures the cross-entropy of ``model``.  Training
+    weights each rank's summed loss by world size / global batch size, so the
     gradient that DDP averages over the ranks is the mean over the global batch; after
     each step the ranks take rank 0's spectral state (robustclip.distributed).  Returns
-    the (mean cross-entropy, accuracy in [0, 1], batches) of all ranks together; one
-    all-reduce and host sync at the end.
+    the (mean loss, accuracy in [0, 1], batches) of all ranks together; one all-reduce
+    and host sync at the end.
     """
     training = optimizer is not None
     model.train(training)
@@ -133,13 +146,15 @@ def _run_epoch(model: nn.Module, shares: Iterator[Share], steps: int, ctx: Conte
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             if transform is not None:
                 x = transform(x, rows, total)
-            logits = model(x)
-            losses = F.cross_entropy(logits, y, reduction="none")
             if training:
+                logits, losses = objective(x, y, rows, total, first_step + batches)
                 optimizer.zero_grad(set_to_none=True)
                 (losses.sum() * ctx.world_size / total).backward()
                 optimizer.step()
                 sync_after_step(model, ctx)
+            else:
+                logits = model(x)
+                losses = F.cross_entropy(logits, y, reduction="none")
             loss_sum += losses.detach().sum().double()
             correct += (logits.detach().argmax(1) == y).sum()
             count += y.numel()
@@ -347,6 +362,9 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
     # The test set in contiguous shares, one per rank; batches of eval_batch_size within.
     test_batches = torch.arange(len(test_set))[part(len(test_set), ctx)].split(tc.eval_batch_size)
     transform = (lambda x, share, total: augment(x, crop, share, total)) if config.data.augment else None
+    objective = Objective(config, net, model, ctx, tuple(train_set.tensors[0].shape[1:]),
+                          math.ceil(len(train_set) / tc.batch_size))
+    monitor = _monitor(config, test_set, ctx)
     writer = None
     if config.log.tensorboard and ctx.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -369,15 +387,16 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
             batches = epoch_batches(len(train_set), tc.batch_size, tc.seed, epoch, ctx.world_size)
             train_loss, train_acc, steps = _run_epoch(
                 net, _shares(train_set, batches, ctx, pin), len(batches), ctx, optimizer, transform,
-                f"epoch {epoch}", config.log.progress)
+                f"epoch {epoch}", config.log.progress, objective, global_step)
             global_step += steps
             scheduler.step()
             test_loss, test_acc, _ = _run_epoch(
                 model, _shares(test_set, test_batches, None, pin), len(test_batches), ctx,
                 desc="test", progress=config.log.progress)
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                   "test_loss": test_loss, "test_acc": test_acc, **_sigmas(model), "lr": lr,
-                   "wall_time": time.perf_counter() - start}
+                   "test_loss": test_loss, "test_acc": test_acc,
+                   **_robustness(monitor, objective, model, epoch, global_step, history),
+                   **_sigmas(model), "lr": lr, "wall_time": time.perf_counter() - start}
             history.append(row)
             improved, best = test_acc > best, max(best, test_acc)
             if not ctx.main:
@@ -410,6 +429,30 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
     if ctx.main:
         _warn_if_never_clipped(model, global_step)
     return out
+
+
+def _monitor(config: Config, test_set: TensorDataset, ctx: Context) -> OverfittingMonitor | None:
+    """The catastrophic-overfitting monitor of an adversarial run (None: off)."""
+    adv = config.train.adversarial
+    if adv.attack == "none" or adv.monitor_samples == 0:
+        return None
+    x, y = (t[: adv.monitor_samples] for t in test_set.tensors)
+    seed = zlib.crc32(f"monitor/{config.train.seed}".encode())
+    return OverfittingMonitor(x, y, adv.eps, adv.monitor_steps, adv.overfit_drop, seed, ctx)
+
+
+def _robustness(monitor: OverfittingMonitor | None, objective: Objective, model: nn.Module,
+                epoch: int, steps: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """An adversarial run's metrics of the epoch ending after ``steps`` training steps:
+    pgd_acc and catastrophic_overfitting (with a monitor), adv_eps."""
+    if not objective.adversarial:
+        return {}
+    row: dict[str, Any] = {}
+    if monitor is not None:
+        row["pgd_acc"] = monitor.accuracy(model)
+        previous = history[-1].get("pgd_acc") if history else None
+        row["catastrophic_overfitting"] = int(monitor.check(epoch, row["pgd_acc"], previous))
+    return row | {"adv_eps": objective.eps(steps - 1)}
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -449,8 +492,9 @@ def _warn_if_never_clipped(model: nn.Module, steps: int) -> None:
 
 def _log_tensorboard(writer: Any, row: dict[str, Any], model: nn.Module, step: int) -> None:
     """Epoch scalars at the global step; each wrapper's sigmas unless it logged this step."""
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-        writer.add_scalar(key.replace("_", "/", 1), row[key], step)
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "pgd_acc"):
+        if key in row:
+            writer.add_scalar(key.replace("_", "/", 1), row[key], step)
     writer.add_scalar("lr", row["lr"], step)
     for w in wrappers(model):
         if step % w.log_every:

@@ -97,3 +97,80 @@ def test_torchvision_resnet18(tmp_path):
 def test_api_bad_input(models, data, call, message):
     with pytest.raises(RobustclipError, match=message):
         call(models["a"], data)
+
+
+OWN = '''
+import torch
+import torch.nn as nn
+
+def net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+def broken():
+    raise ValueError("no such layer")
+
+def not_a_module():
+    return 3
+
+constant = 3
+'''
+
+
+@pytest.mark.parametrize("spec, weights, message", [
+    ("ownnets", None, "give it as pkg.module:factory"),
+    ("nowhere_module:net", None, "cannot import nowhere_module"),
+    ("ownnets:nope", None, "ownnets has no nope"),
+    ("ownnets:constant", None, "constant is not callable"),
+    ("ownnets:broken", None, "broken() failed: no such layer"),
+    ("ownnets:not_a_module", None, "returned int, not an nn.Module"),
+    ("ownnets:net", "missing.pt", "does not exist"),
+    ("ownnets:net", "garbage.pt", "is corrupt or not a torch file"),
+    ("ownnets:net", "list.pt", "holds a list, not a state dict"),
+    ("ownnets:net", "other.pt", "do not fit the model"),
+])
+def test_own_model_errors_are_one_line(tmp_path, monkeypatch, spec, weights, message):
+    from robustclip.checkpoint import load_factory
+
+    (tmp_path / "ownnets.py").write_text(OWN)
+    (tmp_path / "garbage.pt").write_bytes(b"not torch")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RobustclipError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_factory(spec, None if weights is None else tmp_path / weights, "mnist")
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--eps", "0.1", "--weights", "w.pt"], {}, "--weights goes with --model"),
+    (["--eps", "0.1", "--model", "ownnets:net", "--dataset", "mnistt"], {}, "mnistt"),
+    (["--eps", "0.1", "--model", "ownnets:net", "--dataset", "mnist"], {"WORLD_SIZE": "2"},
+     "under torchrun give --out"),
+])
+def test_cli_own_model_refusals(tmp_path, monkeypatch, args, env, message):
+    from click.testing import CliRunner
+
+    from robustclip.cli import main
+
+    (tmp_path / "ownnets.py").write_text(OWN)
+    monkeypatch.chdir(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(main, ["attack", *args])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_resume_with_a_damaged_settings_file_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from robustclip.cli import main
+
+    (tmp_path / ".journal").mkdir()
+    (tmp_path / ".journal" / "attack.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["attack", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "is not the JSON robustclip wrote" in result.stderr
+
+
+def test_api_limit_below_one(models, data):
+    with pytest.raises(RobustclipError, match="limit must be >= 1"):
+        robustclip.evaluate(models["a"], data, eps=0.1, limit=0)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchattacks
 
 from robustclip import SpectralClip, dense_singular_values
+from robustclip.activations import GroupSort
 from robustclip.bounds import lipschitz_report, network_bound_kind
 from robustclip.certificates import certified, linf_to_l2
 from robustclip.empirical import empirical_lipschitz, exact_pair_ratios, screened_ratio
@@ -468,3 +469,47 @@ def test_rows_are_named_by_module_path_whatever_the_method(name):
         wrapped = {w.name for w in models.wrappers(model)} & set(rows["name"])
         assert wrapped == {ROW_NAMES[name][-1]} | (composites if method == "fastclip-composite"
                                                    else set()), method
+
+
+def _jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
+    """The exact spectral norm of the model's Jacobian at one input x (no batch dim), float64."""
+    jac = torch.autograd.functional.jacobian(lambda v: model(v.unsqueeze(0)).flatten(), x)
+    return float(torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), 2))
+
+
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_groupsort_is_bounded_by_one_and_its_jacobian_norm_is_one(group_size):
+    """GroupSort's Jacobian is a permutation matrix wherever it is differentiable: norm
+    exactly 1, so the bound 1 is tight; a network through it is bounded by the product."""
+    sort = GroupSort(group_size)
+    bound, rows = lipschitz_report(nn.Sequential(sort), (6, 2, 2))
+    assert bound == 1.0 and rows.empty
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert _jacobian_norm(sort.double(), torch.randn(6, 2, 2, generator=g, dtype=torch.float64)) \
+            == pytest.approx(1.0, abs=1e-12)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), GroupSort(group_size), nn.Linear(12, 3)).double()
+    bound, rows = lipschitz_report(net, (6,))
+    exact = math.prod(float(torch.linalg.matrix_norm(m.weight.detach(), 2)) for m in (net[0], net[2]))
+    assert bound == pytest.approx(exact, rel=1e-9) and rows.attrs["bound_kind"] == "upper"
+    assert max(_jacobian_norm(net, torch.randn(6, generator=g, dtype=torch.float64))
+               for _ in range(20)) <= bound
+
+
+def test_lipnet_bound_holds_against_its_exact_jacobian():
+    """lipnet (MaxMin, pixel unshuffle) with fastclip: a guaranteed bound, at least the
+    exact Jacobian norm at random inputs; each pixel unshuffle is an isometry (factor 1)."""
+    torch.manual_seed(0)
+    model = models.build_model("lipnet", "mnist", "fastclip", width=2, hidden=4).eval()
+    bound, rows = lipschitz_report(model, (1, 28, 28))
+    assert rows.attrs["bound_kind"] == "upper" and len(rows) == 8  # normalise + 7 layers
+    assert bound == pytest.approx(math.prod(rows["sigma_upper"]), rel=1e-12)
+    twin = float64_twin(model)
+    g = torch.Generator().manual_seed(1)
+    norms = [_jacobian_norm(twin, torch.rand(1, 28, 28, generator=g, dtype=torch.float64))
+             for _ in range(3)]
+    assert 0 < max(norms) <= bound
+    unshuffle = nn.PixelUnshuffle(2).double()
+    assert lipschitz_report(nn.Sequential(unshuffle), (2, 4, 4))[0] == 1.0
+    assert _jacobian_norm(unshuffle, torch.rand(2, 4, 4, dtype=torch.float64)) == pytest.approx(1.0, abs=1e-12)

@@ -19,7 +19,9 @@ from robustclip import SpectralClip, dense_singular_values, singular_values
 from robustclip.bounds import lipschitz_report
 from robustclip.config import Config, override
 from robustclip.data import synthetic
+from robustclip.distributed import Context
 from robustclip.models import METHODS, build_model
+from robustclip.objectives import Objective
 from robustclip.train import train
 from helpers import inflate, random_bn, tiny_classifier
 
@@ -103,6 +105,36 @@ def test_training_steps_make_no_host_sync(method):
 
     steps(2)  # initialisation (shape seen, vectors drawn) may synchronise once
     assert _sync_warnings(lambda: steps(10)) == []
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("fastclip", ["train.adversarial.attack=fgsm-rs", "train.adversarial.eps=0.3",
+                  "train.adversarial.warmup_epochs=1"]),
+    ("gouk", ["train.adversarial.attack=pgd", "train.adversarial.eps=0.3",
+              "train.adversarial.steps=3", "train.adversarial.loss=trades"]),
+    ("none", ["train.loss=lipschitz-margin", "train.eps_cert=1.0"]),  # tracked L
+], ids=["fgsm-rs", "trades-pgd", "margin"])
+def test_adversarial_and_margin_steps_make_no_host_sync(method, extra):
+    """A training step of robustclip.objectives (random start, crafting under passive with
+    BatchNorm in train mode, the TRADES forward, the margin's differentiable L) never
+    waits for the device (a composite's step makes one sync of its own: not tested here)."""
+    torch.manual_seed(0)
+    config = override(Config(), [f"method.name={method}", *extra])
+    model = build_model("simpleconv", "mnist", method, {"clip": 1.0, "clip_steps": 1000, "init_delay": 0},
+                        channels=8).to(GPU)
+    objective = Objective(config, model, model, Context(device=GPU), (1, 28, 28), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x, y = (t.to(GPU) for t in synthetic(64, (1, 28, 28), 10, seed=0).tensors)
+
+    def steps(first: int, n: int) -> None:
+        model.train()
+        for step in range(first, first + n):
+            opt.zero_grad(set_to_none=True)
+            objective(x, y, slice(None), len(x), step)[1].sum().backward()
+            opt.step()
+
+    steps(0, 2)
+    assert _sync_warnings(lambda: steps(2, 10)) == []
 
 
 def test_attack_table_on_cuda_matches_cpu():

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from click.testing import CliRunner
@@ -197,6 +198,40 @@ def test_bn_free_two_ranks_match_one_process_and_resume_on_any_world_size(tmp_pa
     ref, got = read_checkpoint(one), read_checkpoint(tmp_path / "two")
     assert ref["epoch"] == got["epoch"] == 1 and float(ref["metrics"][-1]["sigma/1"]) < 1.01
     _close(ref["state_dict"], got["state_dict"])
+
+
+def _train_ranks_each(rank: int, configs: list[Config], root: Path) -> None:
+    """:func:`_train_rank` for each config in turn, in one process group (that train uses
+    as it is): the ranks start once."""
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    try:
+        for i, config in enumerate(configs):
+            _train_rank(rank, config, root / f"two{i}", root / f"dump{i}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adversarial_and_margin_training_on_two_ranks_match_one_process(tmp_path):
+    """Each rank crafts on its share of the batch from the global batch's random start
+    (TRADES: one DDP forward of clean + adversarial), or computes the margin's tracked L
+    on its replica: 2 ranks (batch shares 14 + 13 at the end, augmented) == 1 process."""
+    trades = tiny("plain", "fastclip", "train.limit_train=91", "train.lr=0.05", "train.epochs=1",
+                  "train.adversarial.attack=pgd", "train.adversarial.steps=2",
+                  "train.adversarial.eps=0.1", "train.adversarial.loss=trades",
+                  "train.adversarial.monitor_samples=16")
+    margin = tiny("plain", "none", "train.limit_train=91", "train.lr=0.05", "train.epochs=1",
+                  "train.loss=lipschitz-margin", "train.eps_cert=0.5")
+    for i in range(2):
+        (tmp_path / f"dump{i}").mkdir()
+    run_ranks(_train_ranks_each, [trades, margin], tmp_path)
+    for i, (config, keys) in enumerate([(trades, ["pgd_acc"]), (margin, [])]):
+        a, b = _states(tmp_path / f"dump{i}")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        ref = read_checkpoint(train(config, tmp_path / f"one{i}"))
+        got = read_checkpoint(tmp_path / f"two{i}")
+        _close(ref["state_dict"], got["state_dict"])
+        keys = ["train_loss", "train_acc", "test_acc", "sigma/1", *keys]
+        _close({k: ref["metrics"][0][k] for k in keys}, {k: got["metrics"][0][k] for k in keys})
 
 
 # ---------------------------------------------------------------------------- evaluation

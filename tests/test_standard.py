@@ -343,6 +343,21 @@ def test_square_stronger_than_white_box_fires(models, data):
     assert "below the best white-box" in _messages(alone)
 
 
+def test_cascade_missed_fires(models, data):
+    """A one-step cascade against a 20-step PGD at the same eps: the points PGD alone broke
+    are counted, per sample, in the warning."""
+    x, y = data
+    weak = H.cascade_of([H.make_spec("apgd", 0.05, "w:apgd", steps=1)], "w")
+    ev = H.evaluate({"a": models["a"]}, x, y, [weak, H.make_spec("pgd", 0.05, steps=20)], bounds=False)
+    rows = _rows(ev, "a")
+    missed = int((rows["w"].robust & ~rows["pgd"].robust).sum())
+    assert missed > 0
+    assert f"{missed} of 100 points survived the w cascade but fell to pgd" in _messages(ev)
+    strong = H.evaluate({"a": models["a"]}, x, y, [H.make_cascade("quick", 0.05, steps=20),
+                                                   H.make_spec("fgsm", 0.05)], bounds=False)
+    assert "survived the quick cascade" not in _messages(strong)
+
+
 def test_rising_with_eps_fires():
     x = torch.full((20, 1, 4, 4), 0.5)
     y = torch.zeros(20, dtype=torch.long)

@@ -119,9 +119,15 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
-    """Kill a run mid-training, resume it: same weights, optimiser and metrics, bit for bit."""
-    config = tiny("fastclip-composite", "train.epochs=10", "train.limit_train=160")
+ADVERSARIAL = ["train.adversarial.attack=fgsm-rs", "train.adversarial.eps=0.1",
+               "train.adversarial.warmup_epochs=4", "train.adversarial.monitor_samples=16"]
+
+
+@pytest.mark.parametrize("extra", [[], ADVERSARIAL], ids=["plain", "adversarial"])
+def test_resume_after_sigkill_is_exact(tmp_path, extra):
+    """Kill a run mid-training, resume it: same weights, optimiser and metrics, bit for bit
+    (with FGSM-RS training too: random starts, eps warm-up, the PGD monitor)."""
+    config = tiny("fastclip-composite", "train.epochs=10", "train.limit_train=160", *extra)
     (tmp_path / "c.toml").write_text(to_toml(config))
     # Same string hashes in every process (SpectralClip seeds its random start with hash(name)).
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
@@ -146,6 +152,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     strip = lambda table: [{k: v for k, v in r.items() if k != "wall_time"} for r in table]  # noqa: E731
     assert strip(rows(tmp_path / "whole")) == strip(rows(tmp_path / "killed"))
     assert len(rows(tmp_path / "killed")) == 10
+    assert ("pgd_acc" in rows(tmp_path / "killed")[0]) == bool(extra)
 
 
 def test_ctrl_c_keeps_last_completed_epoch(tmp_path, monkeypatch):
@@ -300,7 +307,11 @@ def test_shipped_configs_parse_and_round_trip(path):
     config = load_config(path)
     assert from_dict(tomllib.loads(to_toml(config))) == config
     model, _, method = path.stem.partition("-")[2].partition("-")
+    method = method.removesuffix("-fgsm").removesuffix("-margin")  # the training loss
     assert (config.method.name, config.model.name.split("-")[0]) == (method, model)
+    if path.stem.endswith("-fgsm"):  # issue 14's settings: FGSM-RS at eps 0.3
+        assert (config.train.adversarial.attack, config.train.adversarial.eps) == ("fgsm-rs", 0.3)
+    assert (config.train.loss == "lipschitz-margin") == path.stem.endswith("-margin")
 
 
 def test_a_run_that_never_clipped_says_so(tmp_path, caplog):

@@ -256,3 +256,23 @@ def rising_with_eps(results: Sequence[Any]) -> list[SanityWarning]:
                     f"{_acc(hi):.4f} at eps {hi.eps:g} (the attack is too weak or unstable)",
                     model, attack, hi.eps))
     return out
+
+
+def cascade_missed(results: Sequence[Any]) -> list[SanityWarning]:
+    """Where an attack outside a cascade broke points that the cascade left robust (same
+    model, norm and eps): the cascade is not the per-sample worst case there, and the
+    suite row (the worst case over every attack) is the one to read.  Minimum-norm
+    attacks whose eps only filters (CW) count as well."""
+    out = []
+    for c in (r for r in results if r.name == "cascade"):
+        for r in results:
+            if (r.model, r.norm, r.eps) != (c.model, c.norm, c.eps) or r.cascade or r is c \
+                    or r.name in ("cascade", "suite"):
+                continue
+            missed = int((c.robust & ~r.robust).sum())
+            if missed:
+                out.append(SanityWarning(
+                    f"{missed} of {len(c.robust)} points survived the {c.attack} cascade but "
+                    f"fell to {r.attack}: the cascade is not the worst case here; read the "
+                    "suite row (per-sample worst case over every attack)", c.model, c.attack, c.eps))
+    return out

@@ -35,8 +35,8 @@ from robustclip.empirical import screened_ratio
 from robustclip.distributed import all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError, first_line
 from robustclip.evaluation.cascade import Cascade
-from robustclip.evaluation.checks import (SanityWarning, Tally, clean_warnings, discarded_warnings,
-                                          mode_warning,
+from robustclip.evaluation.checks import (SanityWarning, Tally, cascade_missed, clean_warnings,
+                                          discarded_warnings, mode_warning,
                                           rising_with_eps, square_stronger, start_point_warnings,
                                           weaker_than_fgsm)
 from robustclip.evaluation.craft import (Spec, adversarial, distance, evaluating, row_params, runs,
@@ -234,7 +234,7 @@ def evaluate(models: Mapping[str, nn.Module], images: Tensor, labels: Tensor,
     if ctx.distributed:  # mode warnings are per rank; the others are the same on every rank
         evaluation.warnings = [w for part in all_gather(evaluation.warnings, ctx) for w in part]
     _combine(evaluation, suite)
-    for check in (weaker_than_fgsm, square_stronger, rising_with_eps):
+    for check in (weaker_than_fgsm, square_stronger, rising_with_eps, cascade_missed):
         evaluation.warnings += check(evaluation.results)
     evaluation.warnings = list(dict.fromkeys(evaluation.warnings))
     return evaluation
@@ -310,7 +310,7 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
                     record = _attack_batch(model, name, group, keys, x.to(device), y.to(device),
                                            ok, out_clean, seed, b, twin, keep_adversarial)
                     if journal is not None:  # the copy to the CPU waits for the device
-                        record = cpu_copy(record) | {"seconds": 0.0}
+                        record = cpu_copy(record)
                         record["seconds"] = time.perf_counter() - began
                         journal.put(key, record)
                 records[b] = record
@@ -326,15 +326,15 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
                                                   for r in ordered]).max())
         corrects = [torch.cat([r["correct"][i].cpu() for r in ordered]) for i in range(len(keys))]
         seconds = time.perf_counter() - start + loaded  # .cpu() above waited for the device
-        before = clean.correct.cpu()
+        clean_ok = before = clean.correct.cpu()
         for i, s in enumerate(keys):
-            robust = clean.correct.cpu() & corrects[i]
+            robust = clean_ok & corrects[i]
             tally = Tally(s)
             for r in ordered:
                 tally.merge(r["counts"][i], r["worst"][i])
-            broken = (clean.correct.cpu() if isinstance(s, Cascade) else before) & ~robust
+            broken = (clean_ok if isinstance(s, Cascade) else before) & ~robust
             dist = torch.cat([r["distance"][i].cpu() for r in ordered]).double()
-            dist = torch.where(clean.correct.cpu() & ~robust, dist, torch.full_like(dist, math.nan))
+            dist = torch.where(clean_ok & ~robust, dist, torch.full_like(dist, math.nan))
             adv = (torch.cat([r["adversarial"][i].cpu() for r in ordered])
                    if keep_adversarial else None)
             cert = _certified(clean, labels, bound, s, shape)

@@ -26,6 +26,7 @@ from torch import Tensor
 from robustclip.errors import RobustclipError
 from robustclip.files import atomic_write
 
+
 def _update(digest: "hashlib._Hash", tensor: Tensor) -> None:
     t = tensor.detach().cpu().contiguous()
     digest.update(f"{t.dtype}{tuple(t.shape)}".encode())

@@ -1,0 +1,147 @@
+"""Adversarial examples for training: the inner step of adversarial training.
+
+* FGSM with a random start (Wong et al. 2020, "Fast is better than free"): a uniform
+  random start in the Linf ball of radius eps, one signed-gradient step (1.25 eps by
+  default), projection onto the ball and [0, 1];
+* PGD (Madry et al. 2018): a uniform random start, then ``steps`` signed-gradient steps,
+  each projected;
+* the objective is the cross-entropy, or for TRADES (Zhang et al. 2019) the KL
+  divergence KL(p(x) || p(x_adv)) from the clean predictions (held fixed while crafting).
+
+Crafting runs the model under :func:`passive`: every module in eval mode, so the spectral
+wrappers are pass-throughs (no tracking step, no clip event, no step count) and Miyato's
+parametrization runs no power iteration; BatchNorm normalises by the running statistics
+(``bn_mode`` "eval") or by the batch's without updating the running ones ("train").
+Crafting takes gradients with respect to the input only (``torch.autograd.grad``): no
+``.grad`` is touched, and it makes no host synchronisation.
+
+:class:`OverfittingMonitor` measures PGD accuracy on a fixed held-out batch each epoch and
+flags catastrophic overfitting (Wong et al. 2020, Section 5.3).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from robustclip.distributed import Context, all_reduce_sum, part
+from robustclip.spectral import _BATCHNORMS
+
+log = logging.getLogger(__name__)
+
+#: (attack, default step size / eps): Wong et al.'s 1.25 for FGSM-RS; Madry's 2.5 / steps.
+FGSM_STEP = 1.25
+PGD_STEP_TIMES_STEPS = 2.5
+
+
+@contextlib.contextmanager
+def passive(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
+    """The model as crafting sees it, for the block: every module in eval mode, except,
+    with ``bn_mode`` "train", the BatchNorms, which then use the batch's statistics and
+    leave their running statistics (and ``num_batches_tracked``) alone.  No module's
+    state changes in a forward pass; the modes and flags are restored on exit."""
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    model.eval()
+    if bn_mode == "train":
+        for m in model.modules():
+            if isinstance(m, _BATCHNORMS):
+                m.training, m.track_running_stats = True, False
+    try:
+        yield model
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+def default_step(attack: str, steps: int) -> float:
+    """The step size of ``attack`` as a multiple of eps (FGSM-RS: 1.25; PGD: 2.5 / steps)."""
+    return FGSM_STEP if attack == "fgsm-rs" else PGD_STEP_TIMES_STEPS / steps
+
+
+def craft(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, eps: float,
+          step_size: float, steps: int, clean_probs: Tensor | None = None) -> Tensor:
+    """Adversarial examples of x (N, C, H, W) in [0, 1] within the Linf ball of radius
+    ``eps`` (pixel units) and [0, 1].
+
+    noise: (N, C, H, W) uniform in [-1, 1]: the random start x + eps * noise.  steps
+    signed-gradient steps of ``step_size`` (1 for FGSM-RS).  clean_probs: (N, classes)
+    softmax of the clean logits for TRADES' KL objective; None: cross-entropy with y.
+    Run the model under :func:`passive`.  Returns x_adv, detached.
+    """
+    if clean_probs is None:
+        objective: Callable[[Tensor], Tensor] = lambda out: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    else:
+        objective = lambda out: F.kl_div(F.log_softmax(out, 1), clean_probs, reduction="sum")  # noqa: E731
+    low, high = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    x_adv = torch.min(torch.max(x + eps * noise, low), high)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(objective(model(x_adv)), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), low), high)
+    return x_adv.detach()
+
+
+def uniform_noise(shape: tuple[int, ...], generator: torch.Generator, share: slice = slice(None),
+                  total: int | None = None) -> Tensor:
+    """Uniform noise in [-1, 1] of ``shape`` (N, ...), on the generator's device.
+
+    Drawn for a batch of ``total`` rows (default N) of which this rank holds ``share``:
+    a rank's share of a global batch gets what a single process gives those rows."""
+    total = shape[0] if total is None else total
+    draw = torch.rand((total, *shape[1:]), generator=generator, device=generator.device)
+    return draw[share] * 2 - 1
+
+
+class OverfittingMonitor:
+    """PGD accuracy on a fixed held-out batch, each epoch; flags catastrophic overfitting.
+
+    x, y: the held-out samples (the first ``monitor_samples`` of the test split); under
+    torchrun each rank attacks its share and the counts are all-reduced.  The attack is
+    PGD with ``steps`` steps of 2.5 eps / steps from a uniform random start, at the
+    configured (full) eps whatever the warm-up, BatchNorm in eval mode, the start drawn
+    from a generator seeded by ``seed`` alone: every epoch attacks the same points from
+    the same start, so a change measures the model.
+
+    Rule (after Wong et al. 2020, whose early stopping fires when the PGD accuracy of a
+    training minibatch falls by more than 0.2): an epoch whose PGD accuracy is more than
+    ``drop`` below the previous epoch's is catastrophic overfitting.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, eps: float, steps: int, drop: float, seed: int,
+                 ctx: Context) -> None:
+        rows = part(len(x), ctx)
+        self.x, self.y = x[rows].to(ctx.device), y[rows].to(ctx.device)
+        self.total, self.eps, self.steps, self.drop, self.ctx = len(x), eps, steps, drop, ctx
+        self.rows, self.seed = rows, seed
+
+    def accuracy(self, model: nn.Module) -> float:
+        """PGD accuracy (a fraction of all ranks' held-out samples); one host sync."""
+        gen = torch.Generator(device=self.ctx.device).manual_seed(self.seed)
+        noise = uniform_noise(tuple(self.x.shape), gen, self.rows, self.total)
+        with passive(model, "eval"):
+            x_adv = craft(model, self.x, self.y, noise, eps=self.eps,
+                          step_size=PGD_STEP_TIMES_STEPS * self.eps / self.steps, steps=self.steps)
+            with torch.no_grad():
+                correct = (model(x_adv).argmax(1) == self.y).sum().double()
+        return float(all_reduce_sum(correct, self.ctx)) / self.total
+
+    def check(self, epoch: int, accuracy: float, previous: float | None) -> bool:
+        """Whether ``accuracy`` (this epoch's) fell more than ``drop`` below ``previous``;
+        rank 0 logs a warning when it did."""
+        if previous is None or not accuracy < previous - self.drop:
+            return False
+        if self.ctx.main:
+            log.warning("epoch %d: PGD-%d accuracy at eps %g on %d held-out test samples fell from "
+                        "%.3f to %.3f: catastrophic overfitting (Wong et al. 2020); the model of "
+                        "epoch %d was more robust: consider stopping there, a smaller "
+                        "train.adversarial.step_size or a longer warm-up", epoch, self.steps,
+                        self.eps, self.total, previous, accuracy, epoch - 1)
+        return True

@@ -1,0 +1,182 @@
+"""The Lipschitz-margin loss (Tsuzuku et al. 2018) and the network bound L it trains with.
+
+The loss adds sqrt(2) * L * eps_cert to every logit but the true one before the
+cross-entropy, so that training pushes the margin above the one a certificate of L2
+radius eps_cert needs when L bounds the network's Lipschitz constant.
+
+:class:`TrainingBound` computes L during training over the model's graph, as
+``robustclip.bounds`` walks it (products along a path, sums over residual branches,
+sqrt of the sum of squares over a cat), with these factors:
+
+* a spectral wrapper: its clip target c in *constant* mode; otherwise its tracked
+  sigma as a differentiable function of the weights, ||A v|| for the wrapper's current
+  top singular vector v (held fixed: a Rayleigh-quotient estimate, as Miyato et al.'s);
+* a BatchNorm that no wrapper holds: max |gamma| / sqrt(running_var + eps), its exact
+  eval-mode norm (differentiable in gamma);
+* everything without trainable weights (the input normalisation, activations, pooling,
+  reshapes): the factor ``robustclip.bounds`` gives it, computed once (1 for ReLU,
+  GroupSort, flatten, pixel unshuffle; max-pool and average-pool bounds; 1/std for the
+  normalisation).  A layer with trainable weights that no wrapper tracks is refused.
+
+Constant mode is used when every wrapper clips and no BatchNorm lies outside one: L is
+then the product of the clip targets and the constant factors, fixed for the run.
+
+What L is worth.  L is never a certificate.  In constant mode it is a target: FastClip
+enforces sigma <= c (1 + tol) at its clip events only (every clip_steps steps, after
+init_delay; a conv+BN composite and gouk rescale every step), and against PowerQR's
+estimate, a lower bound of the true sigma; between events a layer may exceed c.  In
+tracked mode each factor is an estimate from below that converges as the tracking
+iterations do.  Certificates at evaluation time always come from the sound bound of
+``robustclip.bounds.lipschitz_report`` (guaranteed per-operator upper bounds), never
+from this L.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from robustclip.bounds import _ADDS, _Walker, _ValueProp, _dependent, trace
+from robustclip.errors import RobustclipError
+from robustclip.spectral import _BATCHNORMS, _unwrap, eval_mode, linear_map
+
+log = logging.getLogger(__name__)
+
+Value = float | Tensor
+
+
+def margin_logits(logits: Tensor, y: Tensor, L: Value, eps_cert: float) -> Tensor:
+    """logits (N, classes) with sqrt(2) * L * eps_cert added to every logit but y's."""
+    others = torch.ones_like(logits).scatter(1, y.unsqueeze(1), 0.0)  # no host sync (one_hot checks)
+    return logits + (math.sqrt(2) * eps_cert) * L * others
+
+
+def _sigma(wrapper: nn.Module) -> Tensor:
+    """||A v|| for the wrapper's top tracked vector v (unit norm, detached): differentiable
+    in the weights, <= sigma_1, equal to it when v is the top singular vector."""
+    if wrapper.vectors.numel() == 0:
+        raise RobustclipError(f"{wrapper.name}: no tracked singular vector yet (run a training "
+                              f"forward first)")
+    v = wrapper.vectors[0].detach()
+    with eval_mode(wrapper.module):
+        return linear_map(wrapper.module, tuple(v.shape))((v / v.norm()).unsqueeze(0)).norm()
+
+
+def _bn_norm(bn: nn.Module) -> Tensor:
+    """max |gamma| / sqrt(running_var + eps): the eval-mode norm of a lone BatchNorm."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    return (scale if bn.weight is None else bn.weight.abs() * scale).max()
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class TrainingBound:
+    """The network's L for the Lipschitz-margin loss (see the module doc).
+
+    model: the (unwrapped-by-DDP) model with its spectral wrappers; input_shape: one
+    input, no batch dim.  Call it after the step's training forward (the wrappers'
+    vectors are then current): a float in constant mode, else a 0-dim tensor on the
+    model's device, differentiable in the weights.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int]) -> None:
+        shape = tuple(int(s) for s in input_shape)
+        like = next(iter(model.parameters()), torch.zeros(()))
+        with eval_mode(model), torch.no_grad():
+            gm = trace(model)
+            dependent = _dependent(gm.graph)
+            prop = _ValueProp(gm, dependent)
+            prop.propagate(torch.zeros((1, *shape), device=like.device, dtype=like.dtype))
+            walker = _Walker(gm, prop.values, dependent, tol=1e-6, iters=None, exact_max_dim=1024,
+                             exact_max_entries=2**22, seed=0, pairs={})
+            self.program = [step for node in gm.graph.nodes
+                            if (step := self._compile(gm, walker, dependent, node)) is not None]
+        self.wrappers = [p for op, _, _, p in self.program if op == "wrapper"]
+        self.constant = (all(w.clip is not None for w in self.wrappers)
+                         and not any(op == "bn" for op, *_ in self.program))
+        self.value = self._evaluate() if self.constant else None
+        self.estimated = [row["name"] for row in walker.rows if row["bound_kind"] == "estimate"]
+
+    @staticmethod
+    def _compile(gm: fx.GraphModule, walker: _Walker, dependent: set[fx.Node],
+                 node: fx.Node) -> tuple[str, fx.Node, Any, Any] | None:
+        """(op, node, inputs, payload) for the nodes of the model input; None for others."""
+        if node.op == "placeholder":
+            return ("input", node, None, None)
+        if node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise RobustclipError("lipschitz-margin: the model's output must be one tensor")
+            return ("output", node, node.args[0], None)
+        if node not in dependent or "tensor_meta" not in node.meta:
+            return None
+        if node.op == "call_function" and node.target in _ADDS:
+            alpha = abs(float(node.kwargs.get("alpha", 1)))
+            terms = [(a, alpha if i else 1.0) for i, a in enumerate(node.args[:2])
+                     if isinstance(a, fx.Node) and a in dependent]
+            return ("sum", node, terms, None)
+        if node.op == "call_function" and node.target is torch.cat:
+            tensors = node.args[0] if node.args else node.kwargs["tensors"]
+            return ("cat", node, [t for t in tensors if t in dependent], None)
+        deps = walker._tensor_deps(node)
+        if len(deps) != 1:
+            raise RobustclipError(f"lipschitz-margin: cannot bound {node.target}: it combines "
+                                  f"{len(deps)} input-dependent tensors")
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if getattr(module, "is_spectral_wrapper", False):
+                return ("wrapper", node, deps[0], module)
+            if isinstance(_unwrap(module), _BATCHNORMS) and module.running_var is not None:
+                return ("bn", node, deps[0], _unwrap(module))
+            if _trainable(module):
+                raise RobustclipError(f"lipschitz-margin: cannot bound {node.target} during "
+                                      f"training: it has trainable weights and no spectral "
+                                      f"wrapper tracks it")
+        if any(a.op == "get_attr" and isinstance(getattr(gm, str(a.target), None), nn.Parameter)
+               for a in node.all_input_nodes):
+            raise RobustclipError(f"lipschitz-margin: cannot bound {node.target} during "
+                                  f"training: it uses a parameter outside a layer")
+        return ("const", node, deps[0], walker._factor(node, deps[0]))
+
+    def _evaluate(self) -> Value:
+        L: dict[fx.Node, Value] = {}
+        for op, node, inputs, payload in self.program:
+            if op == "input":
+                L[node] = 1.0
+            elif op == "output":
+                return L[inputs]
+            elif op == "sum":
+                L[node] = sum(L[a] * coef for a, coef in inputs)
+            elif op == "cat":
+                L[node] = sum(L[a] ** 2 for a in inputs) ** 0.5
+            elif op == "wrapper":
+                L[node] = (payload.clip if self.constant else _sigma(payload)) * L[inputs]
+            elif op == "bn":
+                L[node] = _bn_norm(payload) * L[inputs]
+            else:
+                L[node] = payload * L[inputs]
+        raise RobustclipError("lipschitz-margin: the model has no output")
+
+    def __call__(self) -> Value:
+        return self.value if self.constant else self._evaluate()
+
+    def describe(self) -> str:
+        """One line for the log: the mode, what L multiplies and what it is worth."""
+        if self.constant:
+            text = (f"L = {self.value:.4g}, constant: the clip targets of {len(self.wrappers)} "
+                    f"clipped layers times the fixed factors (a target the clipping maintains "
+                    f"at its clip events, not a guarantee)")
+        else:
+            bns = sum(op == "bn" for op, *_ in self.program)
+            text = (f"L = the differentiable product of {len(self.wrappers)} tracked sigma "
+                    f"estimates (||A v||, from below){f' and {bns} BatchNorm norms' if bns else ''} "
+                    f"and the fixed factors (an estimate, not a guarantee)")
+        if self.estimated:
+            text += f"; fixed factors without a guaranteed bound: {', '.join(self.estimated)}"
+        return text + "; certificates come from robustclip.bounds, never from this L"

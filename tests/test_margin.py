@@ -1,0 +1,88 @@
+"""Lipschitz-margin training: the margin, the training bound L in its two modes, and the
+certified accuracy it buys (certificates from robustclip's sound bound)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from robustclip.bounds import lipschitz_report
+from robustclip.certificates import certified
+from robustclip.checkpoint import load
+from robustclip.config import Config, override
+from robustclip.data import synthetic_splits
+from robustclip.errors import RobustclipError
+from robustclip.margin import TrainingBound, margin_logits
+from robustclip.models import build_model
+from robustclip.train import train
+
+TINY = [
+    "data.synthetic=true", "train.limit_train=256", "train.limit_test=128", "train.batch_size=32",
+    "model.name=lipnet", "model.args.width=4", "model.args.hidden=32", "method.init_delay=1",
+    "method.init_iters=10", "log.progress=false", "log.tensorboard=false", "train.device=cpu",
+]
+
+
+def test_margin_is_added_to_every_logit_but_the_true_one():
+    logits, y = torch.zeros(2, 3), torch.tensor([2, 0])
+    out = margin_logits(logits, y, 0.5, 2.0)
+    m = math.sqrt(2) * 0.5 * 2.0
+    assert torch.allclose(out, torch.tensor([[m, m, 0.0], [0.0, m, m]]))
+
+
+def test_constant_mode_is_the_product_of_the_clip_targets():
+    """lipnet has no BatchNorm and every layer is clipped: L = the product of the 7 clip
+    targets (the normalisation only centres: factor 1)."""
+    model = build_model("lipnet", "mnist", "gouk", {"clip": 1.5}, width=2, hidden=4)
+    bound = TrainingBound(model, (1, 28, 28))
+    assert bound.constant and bound() == pytest.approx(1.5**7, rel=1e-9)
+    assert "constant" in bound.describe() and "not a guarantee" in bound.describe()
+
+
+def test_tracked_mode_is_a_differentiable_product_of_sigma_estimates():
+    """none (tracking only) on simpleconv: L = ||A_conv v|| * max|gamma|/sqrt(var + eps)
+    * ||A_fc v|| / std, each factor at most the layer's sigma, and gradients reach the
+    weights; after many tracking steps the wrappers' vectors are converged and L is the
+    product of the exact norms."""
+    torch.manual_seed(0)
+    model = build_model("simpleconv", "mnist", "none", {"iters_per_step": 50}, channels=2)
+    x = torch.rand(4, 1, 28, 28)
+    for _ in range(4):
+        model.train()(x)
+    bound = TrainingBound(model, (1, 28, 28))
+    assert not bound.constant and "2 tracked sigma" in bound.describe() and "1 BatchNorm" in bound.describe()
+    L = bound()
+    L.backward()
+    assert model.conv1.module.weight.grad.abs().sum() > 0 and model.bn1.weight.grad.abs().sum() > 0
+    fc = float(torch.linalg.matrix_norm(model.fc1.module.weight.detach(), 2))  # exact
+    conv_sigma = float(model.conv1.sigmas[0])  # converged Ritz value
+    bn = float((model.bn1.weight.detach().abs() / torch.sqrt(model.bn1.running_var + model.bn1.eps)).max())
+    assert float(L.detach()) == pytest.approx(conv_sigma * bn * fc / 0.3081, rel=1e-4)
+
+
+def test_a_trainable_layer_no_wrapper_tracks_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(RobustclipError, match=r"cannot bound 1 during training: it has trainable weights"):
+        TrainingBound(model, (1, 2, 2))
+
+
+def _certified_accuracy(run, radius: float) -> float:
+    model = load(run)
+    x, y = synthetic_splits("mnist", 256, 128, 1)[1].tensors
+    L, rows = lipschitz_report(model, (1, 28, 28))
+    assert rows.attrs["bound_kind"] == "upper"
+    with torch.no_grad():
+        return float(certified(model(x), y, L, radius).float().mean())
+
+
+def test_lipschitz_margin_training_raises_certified_accuracy(tmp_path):
+    """lipnet + gouk (every layer rescaled to sigma 1 each step: constant L = 1), with and
+    without the margin of eps_cert 1; certified accuracy at L2 radius 0.5 from the sound
+    bound of the trained weights (measured: 0.10 without the margin, 0.38 with it)."""
+    config = override(Config(), [*TINY, "method.name=gouk", "train.epochs=6", "train.lr=0.02"])
+    plain = train(config, tmp_path / "plain")
+    margin = train(override(config, ["train.loss=lipschitz-margin", "train.eps_cert=1.0"]),
+                   tmp_path / "margin")
+    assert _certified_accuracy(margin, 0.5) > _certified_accuracy(plain, 0.5) + 0.15
