@@ -48,7 +48,10 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     """name: none, fastclip, fastclip-composite, miyato or gouk; the rest are SpectralClip's
-    parameters (miyato uses clip and iters_per_step).  init_delay is the tutorial's 500."""
+    parameters (miyato uses clip and iters_per_step).  init_delay is the tutorial's 500.
+    rescale_every_step: true rescales every clipped layer after every optimiser step
+    (weight *= min(1, clip / sigma)) besides the clip events; false leaves it to
+    SpectralClip's default (only conv+BN composites; gouk always)."""
 
     name: str = "none"
     clip: float = 1.0
@@ -62,6 +65,7 @@ class MethodConfig:
     max_rounds: int = _CLIP_DEFAULTS["max_rounds"]
     descent_steps: int = _CLIP_DEFAULTS["descent_steps"]
     refine_iters: int = _CLIP_DEFAULTS["refine_iters"]
+    rescale_every_step: bool = False
 
 
 ATTACKS = ("none", "fgsm-rs", "pgd")
@@ -151,6 +155,7 @@ class Config:
         """The [method] section without its name: keywords for robustclip.models.build_model."""
         args = dataclasses.asdict(self.method)
         args.pop("name")
+        args["rescale_every_step"] = True if args["rescale_every_step"] else None  # None: the default
         return {**args, "log_every": self.log.log_every}
 
 

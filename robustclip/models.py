@@ -241,8 +241,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 METHODS = ("none", "fastclip", "fastclip-composite", "miyato", "gouk")
 #: Keyword arguments a method accepts (those of SpectralClip; miyato uses clip, iters_per_step).
 METHOD_ARGS = tuple(p for p in inspect.signature(SpectralClip).parameters
-                    if p not in ("module", "name", "writer", "input_shape",
-                                 "rescale_every_step", "clip_events"))
+                    if p not in ("module", "name", "writer", "input_shape", "clip_events"))
 
 
 class _Scale(nn.Module):
@@ -294,7 +293,7 @@ def apply_method(model: nn.Module, method: str, method_args: Mapping[str, Any] |
         if method in TRACKING_ONLY and not track:
             continue
         extra = {"rescale_every_step": True, "clip_events": False} if method == "gouk" else {}
-        extra |= {"clip": None} if method in TRACKING_ONLY else {}
+        extra |= {"clip": None, "rescale_every_step": None} if method in TRACKING_ONLY else {}
         wrapper = SpectralClip(layer, **(args | extra), name=name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, wrapper)

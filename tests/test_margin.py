@@ -3,6 +3,7 @@ certified accuracy it buys (certificates from robustclip's sound bound)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from robustclip.config import Config, override
 from robustclip.data import synthetic_splits
 from robustclip.errors import RobustclipError
 from robustclip.margin import TrainingBound, margin_logits
-from robustclip.models import build_model
+from robustclip.models import build_model, wrappers
 from robustclip.train import train
 
 TINY = [
@@ -39,6 +40,42 @@ def test_constant_mode_is_the_product_of_the_clip_targets():
     bound = TrainingBound(model, (1, 28, 28))
     assert bound.constant and bound() == pytest.approx(1.5**7, rel=1e-9)
     assert "constant" in bound.describe() and "not a guarantee" in bound.describe()
+
+
+@pytest.mark.parametrize("rescale, warns", [(None, True), (True, False)])
+def test_constant_mode_warns_when_layers_are_clipped_only_at_clip_events(rescale, warns):
+    """fastclip holds a layer at its target at clip events only, unless it rescales every
+    step too: the first warns (naming the layers), the second does not."""
+    model = build_model("lipnet", "mnist", "fastclip", {"rescale_every_step": rescale}, width=2, hidden=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bound = TrainingBound(model, (1, 28, 28))
+    messages = [str(w.message) for w in caught if "lipschitz-margin" in str(w.message)]
+    assert bound.constant
+    if warns:
+        assert len(messages) == 1 and "7 clipped layer(s)" in messages[0] \
+            and "features.0" in messages[0] and "method.rescale_every_step = true" in messages[0]
+    else:
+        assert messages == []
+
+
+def test_rescale_every_step_holds_every_layer_at_its_target_after_each_step():
+    """method.rescale_every_step = true: after every optimiser step of a margin-loss
+    training at a large learning rate, every fastclip layer's tracked sigma is <= clip."""
+    torch.manual_seed(0)
+    config = override(Config(), [*TINY, "method.name=fastclip", "method.rescale_every_step=true",
+                                 "method.clip_steps=1000", "method.init_delay=0"])
+    model = build_model("lipnet", "mnist", "fastclip", config.method_args(), width=4, hidden=32)
+    assert all(w.rescale_every_step for w in wrappers(model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    bound = TrainingBound(model.train(), (1, 28, 28))
+    for _ in range(5):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(margin_logits(model(x), y, bound(), 1.0), y)
+        loss.backward()
+        opt.step()
+        assert max(float(w.sigmas[0]) for w in wrappers(model)) <= 1.0 + 1e-5
 
 
 def test_tracked_mode_is_a_differentiable_product_of_sigma_estimates():
