@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots]
-# (no argument: all five, in that order)
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet]
+# (no argument: all six, in that order)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
 set -euo pipefail
@@ -45,9 +45,33 @@ seeds() {  # the composite's robustness, the headline claim, on its other seeds 
   run results/seeds-composite $rc attack $R/fastclip-composite-s2 $R/fastclip-composite-s3 \
       --suite attacks/mnist-results.toml --norm Linf --limit 100 --seed 0
 }
+lipnet_eval() {  # lipnet_eval OUT NORM RUN...: the standard evaluation of runs/lipnet/RUN at
+  # NORM's budgets, one command per model side by side, merged; each run's config and
+  # per-epoch metrics copied beside the table
+  local out=$1 norm=$2; shift 2
+  local cmds=() folders=()
+  for m in "$@"; do
+    cmds+=("$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm $norm --limit 100 --seed 0 --out runs/eval-lipnet/$m")
+    folders+=("runs/eval-lipnet/$m")
+  done
+  rm -rf "${folders[@]}" "$out"
+  printf '%s\n' "${cmds[@]}" | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{} > /dev/null'
+  .venv/bin/python results/merge.py "${folders[@]}" --out "$out"
+  mkdir -p "$out/training"
+  for m in "$@"; do
+    for f in metrics.csv config.toml environment.json; do cp "runs/lipnet/$m/$f" "$out/training/$m.$f"; done
+  done
+  { printf '%s\n' "${cmds[@]}"
+    echo ".venv/bin/python results/merge.py ${folders[*]} --out $out"
+  } > "$out/command.txt"
+}
+lipnet() {  # the lipnets of results/train_lipnet.sh: FGSM-RS-trained at Linf, margin-trained at L2
+  lipnet_eval results/lipnet-fgsm Linf none-fgsm-s1 fastclip-fgsm-s1
+  lipnet_eval results/lipnet-margin L2 fastclip-margin-s1
+}
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet}"; do
   for p in $part; do "$p"; done
 done

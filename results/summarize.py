@@ -4,7 +4,8 @@
 
 Reads results/mnist-simpleconv/results.json, results/training/{final_epoch,by_method}.csv,
 results/seeds-composite/results.json, results/transfer/results.csv,
-results/ensemble-*/results.json and results/FINDINGS.md (the prose, written by a person
+results/ensemble-*/results.json, results/lipnet-{fgsm,margin}/ (results.json and the
+runs' training/*.metrics.csv) and results/FINDINGS.md (the prose, written by a person
 from these tables).  ``tests/test_results.py`` checks that README.md is what this renders.
 """
 import json
@@ -92,6 +93,49 @@ def sigma_table(final: pd.DataFrame, sigma_cols: list[str]) -> pd.DataFrame:
     return table
 
 
+def epochs_table(m: pd.DataFrame) -> pd.DataFrame:
+    """One line per epoch of a run's metrics.csv: the eps it trained at and the PGD monitor
+    (adversarial training), clean test accuracy, the largest tracked sigma, minutes."""
+    shown = {"epoch": m.epoch + 1}
+    if "adv_eps" in m:
+        shown["training eps at the epoch's end"] = m.adv_eps.map(lambda v: f"{v:.2f}")
+    shown["test acc (clean)"] = m.test_acc.map(pct)
+    if "pgd_acc" in m:
+        shown["PGD-10 acc at 0.3 (first 256 test)"] = m.pgd_acc.map(pct)
+        shown["catastrophic overfitting"] = m.catastrophic_overfitting.map(lambda v: "yes" if v else "no")
+    sigmas = m[[c for c in m.columns if c.startswith("sigma/")]]
+    if len(sigmas.columns):
+        shown["largest tracked sigma"] = sigmas.max(axis=1).map(lambda v: f"{v:.3f}")
+    shown["minutes"] = (m.wall_time / 60).map(lambda v: f"{v:.0f}")
+    return pd.DataFrame(shown)
+
+
+def certified_by_budget(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per model and budget: clean, the standard evaluation's robust accuracy, certified."""
+    std = rows[rows.attack == "standard"]
+    return pd.DataFrame({"model": std.model, "budget": [f"{n} {e:g}" for n, e in zip(std.norm, std.eps)],
+                         "clean": std.clean_acc.map(pct), "standard": std.robust_acc.map(pct),
+                         "certified": std.certified_acc.map(pct)})
+
+
+def lipnet_section(folder: Path, title: str) -> list[str]:
+    """A lipnet table of results/train_lipnet.sh: the standard evaluation per model and
+    budget with certified accuracy, its stages, and each run's epochs."""
+    rows = pd.DataFrame(json.loads((folder / "results.json").read_text()))
+    parts = [f"## {title} (the standard evaluation, first {int(rows.n.iloc[0])} test images)", "",
+             f"Commands: `results/train_lipnet.sh` (each run's config and metrics in "
+             f"`{folder.name}/training/`), `bash results/attack.sh lipnet`.", "",
+             markdown(certified_by_budget(rows)), "",
+             "Lipschitz bounds (kind, empirical ratio): " + "; ".join(
+                 f"{m} {p.lipschitz_bound.iloc[0]:.3f} ({p.bound_kind.iloc[0]}, {p.lipschitz_empirical.iloc[0]:.3f})"
+                 for m, p in rows.groupby("model", sort=False)) + ".", "",
+             markdown(stages(rows)), ""]
+    for metrics in sorted((folder / "training").glob("*.metrics.csv")):
+        parts += [f"Training of {metrics.name.split('.')[0]}:", "",
+                  markdown(epochs_table(pd.read_csv(metrics))), ""]
+    return parts
+
+
 def render() -> str:
     main_rows = pd.DataFrame(json.loads((HERE / "mnist-simpleconv/results.json").read_text()))
     final = pd.read_csv(HERE / "training/final_epoch.csv")
@@ -162,6 +206,10 @@ def render() -> str:
         parts += [f"## {title[0].upper()}{title[1:]}, white-box, on {ens.parent.name}: its members "
                   f"and their ensemble (first {int(e.n.iloc[0])} test images)", "",
                   markdown(robust_by_eps(_main_rows(e))), ""]
+    for folder, title in [("lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3"),
+                          ("lipnet-margin", "Certified training: lipnet, Lipschitz-margin loss for L2 1.58")]:
+        if (HERE / folder / "results.json").exists():
+            parts += lipnet_section(HERE / folder, title)
     parts += ["## What the numbers say", "", (HERE / "FINDINGS.md").read_text()]
     return "\n".join(parts)
 
