@@ -15,8 +15,9 @@ parametrization runs no power iteration; BatchNorm normalises by the running sta
 Crafting takes gradients with respect to the input only (``torch.autograd.grad``): no
 ``.grad`` is touched, and it makes no host synchronisation.
 
-:class:`OverfittingMonitor` measures PGD accuracy on a fixed held-out batch each epoch and
-flags catastrophic overfitting (Wong et al. 2020, Section 5.3).
+:class:`OverfittingMonitor` measures FGSM-RS and PGD accuracy on a fixed held-out batch each
+epoch and flags catastrophic overfitting (Wong et al. 2020, Section 5.3; Andriushchenko &
+Flammarion 2020).
 """
 from __future__ import annotations
 
@@ -101,47 +102,66 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator, share: sli
 
 
 class OverfittingMonitor:
-    """PGD accuracy on a fixed held-out batch, each epoch; flags catastrophic overfitting.
+    """FGSM-RS and PGD accuracy on a fixed held-out batch, each epoch; flags catastrophic
+    overfitting.
 
     x, y: the held-out samples (the first ``monitor_samples`` of the test split); under
-    torchrun each rank attacks its share and the counts are all-reduced.  The attack is
-    PGD with ``steps`` steps of 2.5 eps / steps from a uniform random start, at the
-    configured (full) eps whatever the warm-up, BatchNorm in eval mode, the start drawn
-    from a generator seeded by ``seed`` alone: every epoch attacks the same points from
-    the same start, so a change measures the model.
+    torchrun each rank attacks its share and the counts are all-reduced.  Both attacks run
+    at the configured (full) eps whatever the warm-up, BatchNorm in eval mode, from a
+    uniform random start drawn from a generator seeded by ``seed`` alone: every epoch
+    attacks the same points from the same start, so a change measures the model.  PGD:
+    ``steps`` steps of 2.5 eps / steps; FGSM-RS: one step of ``fgsm_step`` eps (the
+    training attack's).
 
-    Rule (after Wong et al. 2020, whose early stopping fires when the PGD accuracy of a
-    training minibatch falls by more than 0.2): an epoch whose PGD accuracy is more than
-    ``drop`` below the previous epoch's is catastrophic overfitting.
+    Two rules, each an epoch of catastrophic overfitting:
+
+    * drop (after Wong et al. 2020, whose early stopping fires when the PGD accuracy of a
+      training minibatch falls by more than 0.2): PGD accuracy more than ``drop`` below
+      the previous epoch's;
+    * gap (Andriushchenko & Flammarion 2020): FGSM-RS accuracy more than ``gap`` above PGD
+      accuracy on the same points.  A model that overfits to the single-step attack from
+      its first epochs never has a PGD accuracy to lose; what shows is the gap (measured:
+      lipnet FGSM-RS-trained at 0.3, 91% accuracy on its training examples, PGD-10 0%).
     """
 
     def __init__(self, x: Tensor, y: Tensor, eps: float, steps: int, drop: float, seed: int,
-                 ctx: Context) -> None:
+                 ctx: Context, gap: float = 0.3, fgsm_step: float = FGSM_STEP) -> None:
         rows = part(len(x), ctx)
         self.x, self.y = x[rows].to(ctx.device), y[rows].to(ctx.device)
         self.total, self.eps, self.steps, self.drop, self.ctx = len(x), eps, steps, drop, ctx
+        self.gap, self.fgsm_step = gap, fgsm_step
         self.rows, self.seed = rows, seed
 
-    def accuracy(self, model: nn.Module) -> float:
-        """PGD accuracy (a fraction of all ranks' held-out samples); one host sync."""
+    def accuracy(self, model: nn.Module) -> dict[str, float]:
+        """{"fgsm_acc", "pgd_acc"}: fractions of all ranks' held-out samples; one host sync."""
         gen = torch.Generator(device=self.ctx.device).manual_seed(self.seed)
         noise = uniform_noise(tuple(self.x.shape), gen, self.rows, self.total)
+        counts = []
         with passive(model, "eval"):
-            x_adv = craft(model, self.x, self.y, noise, eps=self.eps,
-                          step_size=PGD_STEP_TIMES_STEPS * self.eps / self.steps, steps=self.steps)
-            with torch.no_grad():
-                correct = (model(x_adv).argmax(1) == self.y).sum().double()
-        return float(all_reduce_sum(correct, self.ctx)) / self.total
+            for step_size, steps in [(self.fgsm_step * self.eps, 1),
+                                     (PGD_STEP_TIMES_STEPS * self.eps / self.steps, self.steps)]:
+                x_adv = craft(model, self.x, self.y, noise, eps=self.eps, step_size=step_size, steps=steps)
+                with torch.no_grad():
+                    counts.append((model(x_adv).argmax(1) == self.y).sum().double())
+        fgsm, pgd = (float(c) / self.total for c in all_reduce_sum(torch.stack(counts), self.ctx))
+        return {"fgsm_acc": fgsm, "pgd_acc": pgd}
 
-    def check(self, epoch: int, accuracy: float, previous: float | None) -> bool:
-        """Whether ``accuracy`` (this epoch's) fell more than ``drop`` below ``previous``;
-        rank 0 logs a warning when it did."""
-        if previous is None or not accuracy < previous - self.drop:
-            return False
-        if self.ctx.main:
+    def check(self, epoch: int, measured: dict[str, float], previous: float | None) -> bool:
+        """Whether this epoch's ``measured`` accuracies break a rule (``previous``: the
+        last epoch's PGD accuracy); rank 0 logs a warning for each rule broken."""
+        pgd, fgsm = measured["pgd_acc"], measured["fgsm_acc"]
+        dropped = previous is not None and pgd < previous - self.drop
+        gapped = fgsm > pgd + self.gap
+        if self.ctx.main and dropped:
             log.warning("epoch %d: PGD-%d accuracy at eps %g on %d held-out test samples fell from "
                         "%.3f to %.3f: catastrophic overfitting (Wong et al. 2020); the model of "
                         "epoch %d was more robust: consider stopping there, a smaller "
                         "train.adversarial.step_size or a longer warm-up", epoch, self.steps,
-                        self.eps, self.total, previous, accuracy, epoch - 1)
-        return True
+                        self.eps, self.total, previous, pgd, epoch - 1)
+        if self.ctx.main and gapped:
+            log.warning("epoch %d: on %d held-out test samples at eps %g, FGSM-RS leaves %.3f "
+                        "accurate and PGD-%d %.3f: catastrophic overfitting (the model resists "
+                        "the single step it trains against, not the attack); consider "
+                        "train.adversarial.attack = \"pgd\", a smaller step_size or a longer "
+                        "warm-up", epoch, self.total, self.eps, fgsm, self.steps, pgd)
+        return dropped or gapped

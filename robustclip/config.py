@@ -90,8 +90,9 @@ class AdversarialConfig:
     crafting: "train" (batch statistics, running ones left alone; Wong et al.'s and
     Madry's code) or "eval" (running statistics; TRADES' code).  monitor_samples: the
     first N test samples on which PGD-monitor_steps accuracy at eps is measured each
-    epoch (``pgd_acc``; 0: off); a drop of more than overfit_drop from the previous
-    epoch is flagged as catastrophic overfitting."""
+    epoch (``pgd_acc``, with FGSM-RS's ``fgsm_acc`` beside it; 0: off); a drop of more
+    than overfit_drop from the previous epoch, or FGSM-RS accuracy more than overfit_gap
+    above PGD's, is flagged as catastrophic overfitting."""
 
     attack: str = "none"
     eps: float = 0.0
@@ -104,6 +105,7 @@ class AdversarialConfig:
     monitor_samples: int = 256
     monitor_steps: int = 10
     overfit_drop: float = 0.2
+    overfit_gap: float = 0.3
 
 
 @dataclass

@@ -7,9 +7,9 @@ A run directory holds:
   test_acc (accuracies as fractions in [0, 1]; train_loss is the loss the optimiser
   minimised, train_acc the accuracy of the logits robustclip.objectives scores: on the
   adversarial examples for adversarial training's "adversarial" loss, on the clean
-  images otherwise), with adversarial training pgd_acc (PGD accuracy on held-out test
-  samples), catastrophic_overfitting (1 when it fell, see
-  robustclip.adversarial.OverfittingMonitor) and adv_eps (the eps of the epoch's last
+  images otherwise), with adversarial training fgsm_acc and pgd_acc (FGSM-RS and PGD
+  accuracy on held-out test samples), catastrophic_overfitting (1 when PGD accuracy fell
+  or trails FGSM-RS's far behind, see robustclip.adversarial.OverfittingMonitor) and adv_eps (the eps of the epoch's last
   step), ``sigma/<layer>`` (each tracked layer's top-k singular values,
   ``sigma/<layer>/i`` for i > 1), lr (used in that epoch), wall_time (seconds the epoch
   took, training and testing);
@@ -58,7 +58,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from robustclip.adversarial import OverfittingMonitor
+from robustclip.adversarial import FGSM_STEP, OverfittingMonitor
 from robustclip.checkpoint import (load_state, model_from_checkpoint, predates_tracking,
                                    read_checkpoint, save_checkpoint)
 from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
@@ -438,20 +438,22 @@ def _monitor(config: Config, test_set: TensorDataset, ctx: Context) -> Overfitti
         return None
     x, y = (t[: adv.monitor_samples] for t in test_set.tensors)
     seed = zlib.crc32(f"monitor/{config.train.seed}".encode())
-    return OverfittingMonitor(x, y, adv.eps, adv.monitor_steps, adv.overfit_drop, seed, ctx)
+    fgsm_step = adv.step_size / adv.eps if adv.attack == "fgsm-rs" and adv.step_size else FGSM_STEP
+    return OverfittingMonitor(x, y, adv.eps, adv.monitor_steps, adv.overfit_drop, seed, ctx,
+                              adv.overfit_gap, fgsm_step)
 
 
 def _robustness(monitor: OverfittingMonitor | None, objective: Objective, model: nn.Module,
                 epoch: int, steps: int, history: list[dict[str, Any]]) -> dict[str, Any]:
     """An adversarial run's metrics of the epoch ending after ``steps`` training steps:
-    pgd_acc and catastrophic_overfitting (with a monitor), adv_eps."""
+    fgsm_acc, pgd_acc and catastrophic_overfitting (with a monitor), adv_eps."""
     if not objective.adversarial:
         return {}
     row: dict[str, Any] = {}
     if monitor is not None:
-        row["pgd_acc"] = monitor.accuracy(model)
+        row |= monitor.accuracy(model)
         previous = history[-1].get("pgd_acc") if history else None
-        row["catastrophic_overfitting"] = int(monitor.check(epoch, row["pgd_acc"], previous))
+        row["catastrophic_overfitting"] = int(monitor.check(epoch, row, previous))
     return row | {"adv_eps": objective.eps(steps - 1)}
 
 
@@ -492,7 +494,7 @@ def _warn_if_never_clipped(model: nn.Module, steps: int) -> None:
 
 def _log_tensorboard(writer: Any, row: dict[str, Any], model: nn.Module, step: int) -> None:
     """Epoch scalars at the global step; each wrapper's sigmas unless it logged this step."""
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "pgd_acc"):
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "fgsm_acc", "pgd_acc"):
         if key in row:
             writer.add_scalar(key.replace("_", "/", 1), row[key], step)
     writer.add_scalar("lr", row["lr"], step)

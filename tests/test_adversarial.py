@@ -197,12 +197,46 @@ def test_catastrophic_overfitting_is_flagged(tmp_path, caplog):
     assert "catastrophic overfitting" in caplog.text
 
 
+def _acc(pgd: float, fgsm: float | None = None) -> dict[str, float]:
+    return {"pgd_acc": pgd, "fgsm_acc": pgd if fgsm is None else fgsm}
+
+
 def test_overfitting_rule_is_a_drop_of_more_than_the_threshold(caplog):
     x = torch.zeros(4, 1, 2, 2)
     monitor = OverfittingMonitor(x, torch.zeros(4, dtype=torch.long), 0.1, 10, 0.2, 0, Context())
     with caplog.at_level("WARNING", logger="robustclip.adversarial"):
-        assert not monitor.check(0, 0.0, None)  # no previous epoch
-        assert not monitor.check(1, 0.3, 0.5)  # a drop of exactly 0.2
-        assert not monitor.check(1, 0.9, 0.5)
+        assert not monitor.check(0, _acc(0.0), None)  # no previous epoch
+        assert not monitor.check(1, _acc(0.3), 0.5)  # a drop of exactly 0.2
+        assert not monitor.check(1, _acc(0.9), 0.5)
         assert caplog.text == ""
-        assert monitor.check(3, 0.29, 0.5) and "epoch 3" in caplog.text
+        assert monitor.check(3, _acc(0.29), 0.5) and "epoch 3" in caplog.text and "fell from" in caplog.text
+
+
+def test_overfitting_rule_is_a_gap_between_fgsm_and_pgd(caplog):
+    """FGSM-RS accuracy more than ``gap`` (default 0.3) above PGD's on the same points is
+    flagged from the first epoch, with no PGD accuracy to lose."""
+    x = torch.zeros(4, 1, 2, 2)
+    monitor = OverfittingMonitor(x, torch.zeros(4, dtype=torch.long), 0.3, 10, 0.2, 0, Context())
+    with caplog.at_level("WARNING", logger="robustclip.adversarial"):
+        assert not monitor.check(0, _acc(0.5, 0.8), None)  # a gap of exactly 0.3
+        assert caplog.text == ""
+        assert monitor.check(0, _acc(0.0, 0.91), None)
+    assert "epoch 0" in caplog.text and "FGSM-RS leaves 0.910 accurate and PGD-10 0.000" in caplog.text
+    assert "fell from" not in caplog.text
+
+
+def test_monitor_measures_fgsm_at_least_as_accurate_as_pgd_on_the_same_points():
+    """On a fixed model, FGSM-RS (one step from the start PGD starts from) leaves at least
+    as many points as PGD-10 here, and a model made constant leaves its accuracy to both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    monitor = OverfittingMonitor(x, y, 0.1, 10, 0.2, 0, Context())
+    measured = monitor.accuracy(model)
+    assert set(measured) == {"fgsm_acc", "pgd_acc"}
+    assert 0 <= measured["pgd_acc"] <= measured["fgsm_acc"] <= 1
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    expected = float((y == 0).double().mean())
+    assert monitor.accuracy(model) == {"fgsm_acc": expected, "pgd_acc": expected}
