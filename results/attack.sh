@@ -65,9 +65,8 @@ lipnet_eval() {  # lipnet_eval OUT NORM RUN...: the standard evaluation of runs/
     echo ".venv/bin/python results/merge.py ${folders[*]} --out $out"
   } > "$out/command.txt"
 }
-lipnet() {  # the lipnets of results/train_lipnet.sh: FGSM-RS-trained at Linf, margin-trained at L2
+lipnet() {  # the FGSM-RS-trained lipnets of results/train_lipnet.sh, at Linf
   lipnet_eval results/lipnet-fgsm Linf none-fgsm-s1 fastclip-fgsm-s1
-  lipnet_eval results/lipnet-margin L2 fastclip-margin-s1
 }
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training

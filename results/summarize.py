@@ -4,8 +4,8 @@
 
 Reads results/mnist-simpleconv/results.json, results/training/{final_epoch,by_method}.csv,
 results/seeds-composite/results.json, results/transfer/results.csv,
-results/ensemble-*/results.json, results/lipnet-{fgsm,margin}/ (results.json and the
-runs' training/*.metrics.csv) and results/FINDINGS.md (the prose, written by a person
+results/ensemble-*/results.json, results/lipnet-fgsm/ (results.json and the runs'
+training/*.metrics.csv) and results/FINDINGS.md (the prose, written by a person
 from these tables).  ``tests/test_results.py`` checks that README.md is what this renders.
 """
 import json
@@ -206,10 +206,8 @@ def render() -> str:
         parts += [f"## {title[0].upper()}{title[1:]}, white-box, on {ens.parent.name}: its members "
                   f"and their ensemble (first {int(e.n.iloc[0])} test images)", "",
                   markdown(robust_by_eps(_main_rows(e))), ""]
-    for folder, title in [("lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3"),
-                          ("lipnet-margin", "Certified training: lipnet, Lipschitz-margin loss for L2 1.58")]:
-        if (HERE / folder / "results.json").exists():
-            parts += lipnet_section(HERE / folder, title)
+    if (HERE / "lipnet-fgsm/results.json").exists():
+        parts += lipnet_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3")
     parts += ["## What the numbers say", "", (HERE / "FINDINGS.md").read_text()]
     return "\n".join(parts)
 
