@@ -12,19 +12,24 @@ run() {  # run OUT_DIR COMMAND...
   "$@" --out "$out" --overwrite
   echo "$*" --out "$out" --overwrite > "$out/command.txt"
 }
-main() {  # the standard evaluation, one model per command (run two at a time on 2 cores), merged
-  local models="none-s1 fastclip-s1 fastclip-composite-s1 miyato-s1 gouk-s1" out=results/mnist-simpleconv
-  local cmds=() folders=()
-  for m in $models; do  # per model: the standard evaluation, then foolbox's L2 attacks beside it
-    cmds+=("$rc attack $R/$m --suite attacks/mnist-results.toml --limit 100 --seed 0 --out runs/eval/$m && .venv/bin/python results/compare_l2.py $R/$m --limit 100 --out runs/eval/$m")
-    folders+=("runs/eval/$m")
-  done
-  rm -rf runs/eval "$out"
+merged() {  # merged OUT: run the caller's cmds two at a time (one thread each), merge the
+  # caller's folders (one per command) into OUT, and record the commands in OUT/command.txt
+  local out=$1
+  rm -rf "${folders[@]}" "$out"
   printf '%s\n' "${cmds[@]}" | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{} > /dev/null'
   .venv/bin/python results/merge.py "${folders[@]}" --out "$out"
   { printf '%s\n' "${cmds[@]}"
     echo ".venv/bin/python results/merge.py ${folders[*]} --out $out"
   } > "$out/command.txt"
+}
+main() {  # the standard evaluation, one model per command, merged
+  local cmds=() folders=()
+  for m in none-s1 fastclip-s1 fastclip-composite-s1 miyato-s1 gouk-s1; do  # per model: the standard
+    # evaluation, then foolbox's L2 attacks beside it
+    cmds+=("$rc attack $R/$m --suite attacks/mnist-results.toml --limit 100 --seed 0 --out runs/eval/$m && .venv/bin/python results/compare_l2.py $R/$m --limit 100 --out runs/eval/$m")
+    folders+=("runs/eval/$m")
+  done
+  merged results/mnist-simpleconv
 }
 # Seeds 3 of none and fastclip were not retrained after the last code changes (the
 # 2-core machine fit only the composite's seeds): the transfer matrix and the ensembles
@@ -45,28 +50,18 @@ seeds() {  # the composite's robustness, the headline claim, on its other seeds 
   run results/seeds-composite $rc attack $R/fastclip-composite-s2 $R/fastclip-composite-s3 \
       --suite attacks/mnist-results.toml --norm Linf --limit 100 --seed 0
 }
-lipnet_eval() {  # lipnet_eval OUT NORM RUN...: the standard evaluation of runs/lipnet/RUN at
-  # NORM's budgets, one command per model side by side, merged; each run's config and
-  # per-epoch metrics copied beside the table
-  local out=$1 norm=$2; shift 2
-  local cmds=() folders=()
-  for m in "$@"; do
-    cmds+=("$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm $norm --limit 100 --seed 0 --out runs/eval-lipnet/$m")
+lipnet() {  # the FGSM-RS-trained lipnets of results/train_lipnet.sh: the standard evaluation at
+  # Linf, one model per command, merged; each run's config and per-epoch metrics beside it
+  local out=results/lipnet-fgsm models="none-fgsm-s1 fastclip-fgsm-s1" cmds=() folders=()
+  for m in $models; do
+    cmds+=("$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm Linf --limit 100 --seed 0 --out runs/eval-lipnet/$m")
     folders+=("runs/eval-lipnet/$m")
   done
-  rm -rf "${folders[@]}" "$out"
-  printf '%s\n' "${cmds[@]}" | OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '{} > /dev/null'
-  .venv/bin/python results/merge.py "${folders[@]}" --out "$out"
+  merged "$out"
   mkdir -p "$out/training"
-  for m in "$@"; do
+  for m in $models; do
     for f in metrics.csv config.toml environment.json; do cp "runs/lipnet/$m/$f" "$out/training/$m.$f"; done
   done
-  { printf '%s\n' "${cmds[@]}"
-    echo ".venv/bin/python results/merge.py ${folders[*]} --out $out"
-  } > "$out/command.txt"
-}
-lipnet() {  # the FGSM-RS-trained lipnets of results/train_lipnet.sh, at Linf
-  lipnet_eval results/lipnet-fgsm Linf none-fgsm-s1 fastclip-fgsm-s1
 }
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training

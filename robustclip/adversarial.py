@@ -61,8 +61,11 @@ def passive(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
                 m.track_running_stats = track
 
 
-def default_step(attack: str, steps: int) -> float:
-    """The step size of ``attack`` as a multiple of eps (FGSM-RS: 1.25; PGD: 2.5 / steps)."""
+def step_ratio(attack: str, steps: int, step_size: float, eps: float) -> float:
+    """The step size of ``attack`` as a multiple of eps: ``step_size`` / eps where it is
+    set (non-zero), else the default (FGSM-RS: 1.25; PGD: 2.5 / steps)."""
+    if step_size:
+        return step_size / eps
     return FGSM_STEP if attack == "fgsm-rs" else PGD_STEP_TIMES_STEPS / steps
 
 

@@ -107,7 +107,7 @@ class TrainingBound:
         self.constant = (all(w.clip is not None for w in self.wrappers)
                          and not any(op == "bn" for op, *_ in self.program))
         self.value = self._evaluate() if self.constant else None
-        drifting = [w.name for w in self.wrappers if self.constant and not w.rescale_every_step]
+        drifting = [w.name for w in self.wrappers if not w.rescale_every_step] if self.constant else []
         if drifting:
             warnings.warn(
                 f"lipschitz-margin with a constant L: {len(drifting)} clipped layer(s) "

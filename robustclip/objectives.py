@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustclip.adversarial import craft, default_step, passive, uniform_noise
+from robustclip.adversarial import craft, passive, step_ratio, uniform_noise
 from robustclip.config import Config
 from robustclip.distributed import Context
 from robustclip.margin import TrainingBound, margin_logits
@@ -60,8 +60,7 @@ class Objective:
         if self.adversarial:
             self.generator = torch.Generator(device=ctx.device)
             self.steps = 1 if self.adv.attack == "fgsm-rs" else self.adv.steps
-            self.step_ratio = (self.adv.step_size / self.adv.eps if self.adv.step_size
-                               else default_step(self.adv.attack, self.adv.steps))
+            self.step_ratio = step_ratio(self.adv.attack, self.adv.steps, self.adv.step_size, self.adv.eps)
             self.warmup_steps = self.adv.warmup_epochs * steps_per_epoch
             log.info("adversarial training: %s (%d step(s) of %g eps) at eps %g%s, %s loss, "
                      "BatchNorm in %s mode while crafting", self.adv.attack, self.steps,

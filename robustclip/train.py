@@ -9,10 +9,10 @@ A run directory holds:
   adversarial examples for adversarial training's "adversarial" loss, on the clean
   images otherwise), with adversarial training fgsm_acc and pgd_acc (FGSM-RS and PGD
   accuracy on held-out test samples), catastrophic_overfitting (1 when PGD accuracy fell
-  or trails FGSM-RS's far behind, see robustclip.adversarial.OverfittingMonitor) and adv_eps (the eps of the epoch's last
-  step), ``sigma/<layer>`` (each tracked layer's top-k singular values,
-  ``sigma/<layer>/i`` for i > 1), lr (used in that epoch), wall_time (seconds the epoch
-  took, training and testing);
+  or trails FGSM-RS's far behind, see robustclip.adversarial.OverfittingMonitor) and
+  adv_eps (the eps of the epoch's last step), ``sigma/<layer>`` (each tracked layer's
+  top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (used in that epoch),
+  wall_time (seconds the epoch took, training and testing);
 - TensorBoard events: the same scalars at the global training step, plus each layer's
   singular-value trace every ``log.log_every`` steps, and the flattened config as hparams
   (metric ``test/acc``: TensorBoard's HPARAMS tab shows its last value);
@@ -58,7 +58,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from robustclip.adversarial import FGSM_STEP, OverfittingMonitor
+from robustclip.adversarial import OverfittingMonitor, step_ratio
 from robustclip.checkpoint import (load_state, model_from_checkpoint, predates_tracking,
                                    read_checkpoint, save_checkpoint)
 from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
@@ -438,7 +438,8 @@ def _monitor(config: Config, test_set: TensorDataset, ctx: Context) -> Overfitti
         return None
     x, y = (t[: adv.monitor_samples] for t in test_set.tensors)
     seed = zlib.crc32(f"monitor/{config.train.seed}".encode())
-    fgsm_step = adv.step_size / adv.eps if adv.attack == "fgsm-rs" and adv.step_size else FGSM_STEP
+    # FGSM-RS at the training attack's step (the default step when training with PGD)
+    fgsm_step = step_ratio("fgsm-rs", 1, adv.step_size if adv.attack == "fgsm-rs" else 0.0, adv.eps)
     return OverfittingMonitor(x, y, adv.eps, adv.monitor_steps, adv.overfit_drop, seed, ctx,
                               adv.overfit_gap, fgsm_step)
 
