@@ -182,9 +182,9 @@ class Linear(nn.Module):
     def forward(self, x):
         return self.fc(x.flatten(1))
 
+    @torch.no_grad()
     def radius(self, x, y) -> torch.Tensor:
-        with torch.no_grad():
-            z, w = self(x), self.fc.weight
+        z, w = self(x), self.fc.weight
         margin = z.gather(1, y[:, None]) - z
         dist = (w[y][:, None, :] - w[None, :, :]).norm(dim=2)
         r = margin / dist.clamp_min(1e-12)
@@ -203,7 +203,7 @@ def test_certificates_hold_and_the_standard_l2_attack_reaches_the_exact_radius(d
     model = Linear().eval()
     with torch.no_grad():
         y = model(x).argmax(1)  # every point correct: the radius is its distance to the boundary
-        radius = model.radius(x, y)
+    radius = model.radius(x, y)
     assert float(radius.max()) * 1.05 < 0.3
     eps_list = [0.5 * float(radius.min())] + [float(radius.quantile(q)) for q in (0.5, 0.8)]
     specs = [H.make_cascade("standard", e, "L2", n_queries=500) for e in eps_list]
