@@ -52,21 +52,12 @@ from robustclip.spectral import (
     functional_linear_map,
     linear_map,
     power_qr,
-    power_qr_steps,
     random_block,
     ritz,
+    tracking_steps,
 )
 
 log = logging.getLogger(__name__)
-
-#: Jacobi sweeps diagonalising the Rayleigh-Ritz matrix at each tracking step.  The block
-#: is warm (the Ritz vectors of the last step, one power step on), so its matrix is nearly
-#: diagonal.  Measured on simpleconv-composite (16 channels, 5 tracked vectors) over 60
-#: SGD steps at lr 0.01 and at 0.1 (120 matrices), largest relative eigenvalue error:
-#: 1 sweep 7e-3; 2 sweeps 2e-6 (float32 rounding), except 7e-5 at the transients (the
-#: first step after initialisation, clip events).  tests/test_clip.py checks 2 against
-#: torch.linalg.eigvalsh (1 sweep fails it).
-TRACK_SWEEPS = 2
 
 # Wrappers with ``rescale_every_step`` whose forward ran and whose rescale waits for the
 # optimiser step that follows it (see SpectralClip.rescale_now).
@@ -84,17 +75,17 @@ def _rescale_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
 @torch.no_grad()
 def track(wrappers: Sequence["SpectralClip"]) -> None:
     """Warm-started PowerQR iterations (``iters_per_step`` each) on the operators of
-    ``wrappers`` as they are now; the Rayleigh-Ritz matrices of their blocks are
-    diagonalised together by ``TRACK_SWEEPS`` Jacobi sweeps (one batched solve per block
-    size, whatever the number of layers).  No host synchronisation."""
+    ``wrappers`` as they are now (:func:`robustclip.spectral.tracking_steps`: a block of
+    several vectors is bounded by the Gershgorin bounds of its Rayleigh-Ritz matrix, not
+    diagonalised; the top value is never below the block's top Ritz value).  No host
+    synchronisation."""
     with contextlib.ExitStack() as modes:
         for w in wrappers:
             modes.enter_context(eval_mode(w.module))
         maps = {w: linear_map(w.module, w._shape) for w in wrappers}
         for i in range(max((w.iters_per_step for w in wrappers), default=0)):
             due = [w for w in wrappers if w.iters_per_step > i]
-            for w, (sigma, vectors) in zip(due, power_qr_steps([(maps[w], w.vectors) for w in due],
-                                                               TRACK_SWEEPS)):
+            for w, (sigma, vectors) in zip(due, tracking_steps([(maps[w], w.vectors) for w in due])):
                 w.rel_change = torch.linalg.vector_norm((sigma - w.sigmas) / sigma.clamp_min(1e-30),
                                                         ord=math.inf)
                 w.sigmas, w.vectors = sigma, vectors
@@ -161,7 +152,10 @@ class SpectralClip(nn.Module):
             the layer at construction, otherwise at the first training call.
 
     Buffers: ``vectors`` (p, *input_shape), ``sigmas`` (p,) descending, with
-    p = k + track_extra, ``rel_change`` (),
+    p = k + track_extra: Ritz values and vectors after initialisation and clip events;
+    after a per-step tracking iteration with p > 1, the block in orthogonal-iteration
+    order and the Gershgorin bounds of its Rayleigh-Ritz matrix, whose first is at least
+    the top Ritz value (``robustclip.spectral.tracking_steps``); ``rel_change`` (),
     ``step`` (), ``input_shape`` (ndim,).  Shapes are taken from a loaded state dict,
     so a freshly built model loads them before seeing any input.
     """

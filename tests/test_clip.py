@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustclip import SpectralClip, SpectralNorm, dense_singular_values, spectral
-from robustclip.clip import TRACK_SWEEPS
+from robustclip import clip as clip_module
 from robustclip.errors import RobustclipError
 from helpers import inflate, random_bn
 
@@ -115,37 +115,39 @@ def test_composite_stays_within_bound_at_every_step(seed):
     assert max(worst) <= 1.01, max(worst)
 
 
-def test_per_step_ritz_values_are_exact(monkeypatch):
-    """Per-step tracking diagonalises its Rayleigh-Ritz matrix with TRACK_SWEEPS Jacobi
-    sweeps (no host sync): on every matrix met while a conv+BN composite (5 tracked
-    vectors) trains, the eigenvalues equal LAPACK's to float32 rounding."""
+def test_per_step_top_value_bounds_the_ritz_value(monkeypatch):
+    """Per-step tracking bounds its Rayleigh-Ritz matrix instead of diagonalising it (no
+    host sync): on every block met while a conv+BN composite (5 tracked vectors) trains
+    at lr 0.05, the top value is at least the exact top Ritz value (LAPACK), and the
+    block stays near its Ritz basis: measured at most 5.4% above it, 2.5% in the median
+    (this small layer moves fast; simpleconv-composite on MNIST: 0.3% in the median)."""
     torch.manual_seed(0)
-    seen = []
-    jacobi = spectral.symmetric_eig
+    ratios = []
+    bounded = clip_module.tracking_steps
 
-    def recording(matrix, sweeps=10):
-        values, vectors = jacobi(matrix, sweeps)
-        seen.append((matrix.clone(), values.clone(), sweeps))
-        return values, vectors
+    def recording(steps):
+        exact = [spectral.power_qr_step(A, x)[0] for A, x in steps]
+        out = bounded(steps)
+        ratios.extend(float(values[0] / ritz[0]) for (values, _), ritz in zip(out, exact))
+        return out
 
-    monkeypatch.setattr(spectral, "symmetric_eig", recording)
+    monkeypatch.setattr(clip_module, "tracking_steps", recording)
     shape = (1, 8, 8)
     inner = SpectralClip(nn.Conv2d(1, 6, 3, padding=1), 1.0, clip_steps=20, init_delay=20, name="conv")
     composite = SpectralClip(nn.Sequential(inner, nn.BatchNorm2d(6)), 1.0, clip_steps=20,
                              init_delay=20, name="conv+bn")
     model = nn.Sequential(composite, nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 3))
     _train(model, 60, shape, lr=0.05, on_step=lambda step: None)
-    assert len(seen) == 60 and {s for _, _, s in seen} == {TRACK_SWEEPS}
-    assert {m.shape for m, _, _ in seen} == {(1, 5, 5)}  # k + 4 vectors; one layer per batch
-    worst = max(float((values.double() - torch.linalg.eigvalsh(m.double()).flip(-1)).abs().max()
-                      / values[0, 0]) for m, values, _ in seen)
-    assert worst <= 2e-6, worst
+    composite_ratios = ratios[1::2]  # each step tracks the inner conv (1 vector), then the composite
+    assert len(ratios) == 120 and all(r == 1.0 for r in ratios[::2])
+    assert min(composite_ratios) >= 1 - 1e-6
+    assert max(composite_ratios) <= 1.07
+    assert sorted(composite_ratios)[30] <= 1.03, sorted(composite_ratios)
 
 
 def test_rescale_hook_batches_every_composite_of_a_step(monkeypatch):
-    """After an optimiser step the rescale hook tracks all composites of the model with one
-    batched eigensolve, and leaves exactly what rescaling them one by one leaves."""
-    from robustclip import clip as clip_module
+    """After an optimiser step the rescale hook tracks all composites of the model in one
+    batched tracking step, and leaves exactly what rescaling them one by one leaves."""
     from robustclip.data import synthetic
     from robustclip.models import build_model
 
@@ -157,14 +159,14 @@ def test_rescale_hook_batches_every_composite_of_a_step(monkeypatch):
                             {"clip": 1.0, "clip_steps": 3, "init_delay": 1}, width=4).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         batches = []
-        jacobi = spectral.symmetric_eig
+        bounded = clip_module.tracking_steps
 
-        def recording(matrix, sweeps=10):
-            batches.append(matrix.shape[0])
-            return jacobi(matrix, sweeps)
+        def recording(steps):
+            batches.append(sum(x.shape[0] > 1 for _, x in steps))
+            return bounded(steps)
 
         with monkeypatch.context() as patch:
-            patch.setattr(spectral, "symmetric_eig", recording)
+            patch.setattr(clip_module, "tracking_steps", recording)
             if one_by_one:
                 batched = clip_module.rescale
                 patch.setattr(clip_module, "rescale", lambda ws: [batched([w]) for w in ws])
@@ -172,7 +174,7 @@ def test_rescale_hook_batches_every_composite_of_a_step(monkeypatch):
                 opt.zero_grad()
                 F.cross_entropy(model(xb), yb).backward()
                 opt.step()
-        return model.state_dict(), batches
+        return model.state_dict(), [b for b in batches if b]
 
     together, batches = run(False)
     alone, single = run(True)

@@ -88,7 +88,7 @@ def _sync_warnings(fn) -> list[str]:
 def test_training_steps_make_no_host_sync(method):
     """Between clip events a training step of every method (forward, tracking, backward,
     optimiser step, the per-step rescale of Gouk and of the conv+BN composite, whose
-    Rayleigh-Ritz step diagonalises its 5 x 5 matrix by Jacobi sweeps) never waits for
+    tracking bounds its 5 x 5 Rayleigh-Ritz matrix without an eigensolver) never waits for
     the device."""
     torch.manual_seed(0)
     name = "simpleconv-composite" if method == "fastclip-composite" else "simpleconv"

@@ -173,144 +173,73 @@ def test_bad_k_and_nan_weights():
         singular_values(conv, (1, 5, 5))
 
 
-# ---------------------------------------------------------------- the small eigensolver of per-step tracking
+# ---------------------------------------------------------------- the step of per-step tracking
 
-#: per dtype: tolerance on eigenvalues and residuals (relative to ||M||), on orthonormality,
-#: and on the projector onto each group of equal or nearly equal eigenvalues
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-def _spectrum(k: int, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, list[list[int]]]:
-    """Eigenvalues (descending, float64) of a test matrix and its groups (positions of
-    equal or nearly equal eigenvalues; groups are >= 0.7 apart).  kind: ``distinct``,
-    ``repeated`` (exact repeats) or ``clustered`` (repeats perturbed by 1e-7)."""
-    sizes = [1] * k if kind == "distinct" else [[3, 2, 1, 2][i % 4] for i in range(k)]
-    while sum(sizes) > k:
-        sizes[-1] -= 1
-        sizes = [s for s in sizes if s]
-    centres = torch.linspace(3.0, -2.0, len(sizes), dtype=torch.float64) if len(sizes) > 1 \
-        else torch.tensor([1.5], dtype=torch.float64)
-    spread = 1e-7 if kind == "clustered" else 0.0
-    values, groups = [], []
-    for centre, size in zip(centres, sizes):
-        groups.append(list(range(len(values), len(values) + size)))
-        values += (centre + spread * torch.randn(size, generator=gen, dtype=torch.float64)).tolist()
-    return torch.tensor(values, dtype=torch.float64), groups
+#: blocks of several sizes and layers (the composite's 5 vectors among them), and a one-vector block
+TRACKED = [(lambda: nn.Conv2d(2, 4, 3, padding=1), (2, 6, 6), 5),
+           (lambda: nn.Linear(12, 7), (12,), 5),
+           (lambda: nn.Sequential(nn.Conv2d(1, 3, 3), _bn(3)), (1, 7, 7), 3),
+           (lambda: nn.Linear(5, 9), (5,), 1)]
 
 
-def _symmetric(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Q diag(values) Q^T for a random orthogonal Q (float64)."""
-    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=gen, dtype=torch.float64))
-    m = (q * values) @ q.T
-    return (m + m.T) / 2
+def _projector(block: torch.Tensor) -> torch.Tensor:
+    flat = block.flatten(1).double()
+    return flat.T @ flat
 
 
-def _check_eig(m: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor,
-               groups: list[list[int]] | None) -> None:
-    """values/vectors of m against torch.linalg.eigh (same dtype): eigenvalues, residual,
-    orthonormality, and, with ``groups``, the projector onto each group's eigenspace."""
-    tol = TOL[m.dtype]
-    norm = float(torch.linalg.matrix_norm(m.double(), 2))
-    ref_values, ref_vectors = torch.linalg.eigh(m)
-    ref_values, ref_vectors = ref_values.flip(0), ref_vectors.flip(1)
-    assert values.dtype == vectors.dtype == m.dtype
-    assert float((values - ref_values).abs().max()) <= tol * norm, (values, ref_values)
-    assert bool((values[:-1] >= values[1:]).all())
-    eye = torch.eye(len(values), dtype=m.dtype)
-    assert float((vectors.T @ vectors - eye).abs().max()) <= tol
-    assert float((m @ vectors - vectors * values).abs().max()) <= tol * norm
-    for group in groups or []:
-        mine = vectors[:, group] @ vectors[:, group].T
-        ref = ref_vectors[:, group] @ ref_vectors[:, group].T
-        assert float((mine - ref).abs().max()) <= 10 * tol, (group, values)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("kind", ["distinct", "repeated", "clustered"])
-@pytest.mark.parametrize("k", range(1, 9))
-def test_symmetric_eig_matches_eigh(k, kind, dtype):
-    """Jacobi in its default 10 sweeps against LAPACK: eigenvalues, residual,
-    orthonormality, and the eigenspace of each group of (nearly) repeated eigenvalues."""
-    gen = torch.Generator().manual_seed(100 * k)
-    for _ in range(5):
-        values, groups = _spectrum(k, kind, gen)
-        m = _symmetric(values, gen).to(dtype)
-        _check_eig(m, *spectral.symmetric_eig(m), groups)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_symmetric_eig_on_random_and_degenerate_matrices(dtype):
-    """Gaussian symmetric matrices (any gaps), scaled ones, a zero matrix, the identity, a
-    diagonal one out of order and a rank-one one."""
-    gen = torch.Generator().manual_seed(7)
-    cases = []
-    for k in range(1, 9):
-        a = torch.randn(k, k, generator=gen, dtype=torch.float64)
-        cases += [a + a.T, 1e6 * (a + a.T), 1e-6 * (a + a.T)]
-        cases += [torch.zeros(k, k, dtype=torch.float64), torch.eye(k, dtype=torch.float64),
-                  torch.diag(torch.randn(k, generator=gen, dtype=torch.float64)),
-                  a[:, :1] @ a[:, :1].T]
-    for m in cases:
-        m = m.to(dtype)
-        _check_eig(m, *spectral.symmetric_eig(m), None)
-
-
-def test_symmetric_eig_sweeps_are_what_converges_it():
-    """One sweep does not diagonalise a random 8 x 8 matrix; the default does."""
-    gen = torch.Generator().manual_seed(3)
-    a = torch.randn(8, 8, generator=gen, dtype=torch.float64)
-    m = a + a.T
-    exact = torch.linalg.eigvalsh(m).flip(0)
-    assert float((spectral.symmetric_eig(m, sweeps=1)[0] - exact).abs().max()) > 1e-3
-    assert float((spectral.symmetric_eig(m)[0] - exact).abs().max()) < 1e-12
-
-
-def test_symmetric_eig_solves_a_batch_as_one_matrix_at_a_time():
-    gen = torch.Generator().manual_seed(11)
-    batch = torch.stack([_symmetric(_spectrum(6, kind, gen)[0], gen)
-                         for kind in ("distinct", "repeated", "clustered")]).reshape(3, 1, 6, 6)
-    values, vectors = spectral.symmetric_eig(batch)
-    assert values.shape == (3, 1, 6) and vectors.shape == (3, 1, 6, 6)
-    for i in range(3):
-        one_values, one_vectors = spectral.symmetric_eig(batch[i, 0])
-        assert torch.allclose(values[i, 0], one_values, rtol=0, atol=1e-13)
-        assert torch.allclose(vectors[i, 0], one_vectors, rtol=0, atol=1e-12)
-        _check_eig(batch[i, 0], values[i, 0], vectors[i, 0], None)
-    expanded, _ = spectral.symmetric_eig(batch[0, 0].mT.expand(2, 6, 6))  # not contiguous
-    assert torch.allclose(expanded, values[0].expand(2, 6), rtol=0, atol=1e-13)
-
-
-def test_power_qr_steps_of_several_layers_match_one_at_a_time():
-    """Blocks of different sizes and layers, batched by size: each result is the
-    single-layer step's (one-vector blocks need no eigensolver)."""
+def test_tracking_step_bounds_the_ritz_values_and_keeps_the_ritz_span():
+    """Against the exact Rayleigh-Ritz step (eigh): the same next subspace (projectors),
+    an orthonormal block, values sorted, the top value never below the top Ritz value and
+    every squared value within twice the largest off-diagonal row mass of the
+    Rayleigh-Ritz matrix of its squared Ritz value (Weyl, then the bounds' own shift); a
+    one-vector block is exactly power_qr_step's."""
     torch.manual_seed(0)
-    cases = [(nn.Conv2d(2, 4, 3, padding=1), (2, 6, 6), 5), (nn.Linear(12, 7), (12,), 5),
-             (nn.Sequential(nn.Conv2d(1, 3, 3), _bn(3)), (1, 7, 7), 3), (nn.Linear(5, 9), (5,), 1)]
-    steps = [(spectral.linear_map(m, shape), spectral.random_block(p, shape)) for m, shape, p in cases]
-    with spectral.eval_mode(cases[2][0]):
-        together = spectral.power_qr_steps(steps, sweeps=10)
-        alone = [spectral.power_qr_step(A, x, sweeps=10) for A, x in steps]
-    for (sigma, nxt), (one_sigma, one_nxt), (_, x) in zip(together, alone, steps):
-        assert sigma.shape == (x.shape[0],) and nxt.shape == x.shape
-        assert torch.allclose(sigma, one_sigma, rtol=1e-6)
-        assert torch.allclose(nxt, one_nxt, atol=1e-5)
+    for make, shape, p in TRACKED:
+        layer = make()
+        A = spectral.linear_map(layer, shape)
+        x = spectral.random_block(p, shape, generator=torch.Generator().manual_seed(p))
+        for _ in range(4):  # a cold block, then warmer ones
+            with spectral.eval_mode(layer):
+                (values, nxt), = spectral.tracking_steps([(A, x)])
+                ritz_values, ritz_next = spectral.power_qr_step(A, x)
+                y = A(x).detach().flatten(1).double()
+            gram = y @ y.T
+            off = float((gram - torch.diag(gram.diagonal())).abs().sum(1).max())
+            assert values.shape == (p,) and nxt.shape == x.shape
+            assert bool((values[:-1] >= values[1:]).all())
+            assert float(values[0]) >= float(ritz_values[0]) * (1 - 1e-6)
+            assert float((values.double() ** 2 - ritz_values.double() ** 2).abs().max()) <= 2 * off + 1e-5
+            assert torch.allclose(_projector(nxt), _projector(ritz_next), atol=1e-5)
+            assert torch.allclose(nxt.flatten(1) @ nxt.flatten(1).T, torch.eye(p), atol=1e-5)
+            if p == 1:
+                assert torch.equal(values, ritz_values) and torch.equal(nxt, ritz_next)
+            x = nxt
 
 
-def test_power_qr_step_with_jacobi_matches_eigh():
-    """The sync-free Rayleigh-Ritz step gives eigh's Ritz values and the same next block."""
+def test_tracking_step_of_a_ritz_basis_gives_the_ritz_values():
+    """On a block that is its own Ritz basis (the Rayleigh-Ritz matrix diagonal, as after
+    an initialisation or a clip event) the Gershgorin bounds are the Ritz values."""
     torch.manual_seed(0)
-    conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), _bn(4))
+    conv = nn.Conv2d(2, 4, 3, padding=1)
     shape = (2, 6, 6)
     A = spectral.linear_map(conv, shape)
-    x = spectral.random_block(5, shape, generator=torch.Generator().manual_seed(0))
-    for _ in range(3):  # a cold block, then warmer ones
-        with spectral.eval_mode(conv):
-            ref_sigma, ref_next = spectral.power_qr_step(A, x)
-            sigma, nxt = spectral.power_qr_step(A, x, sweeps=10)
-        assert torch.allclose(sigma, ref_sigma, rtol=1e-5), (sigma, ref_sigma)
-        overlap = (nxt.flatten(1) * ref_next.flatten(1)).sum(1).abs()  # rows agree up to sign
-        assert torch.allclose(overlap, torch.ones(5), atol=1e-4), overlap
-        x = ref_next
+    values, vectors = spectral.ritz(A, spectral.random_block(5, shape))
+    (bounded, _), = spectral.tracking_steps([(A, vectors)])
+    assert torch.allclose(bounded, values, rtol=1e-5)
+
+
+def test_tracking_steps_of_several_layers_match_one_at_a_time():
+    """Blocks of different sizes, batched by size: each result is the single-layer step's."""
+    torch.manual_seed(0)
+    layers = [(make(), shape, p) for make, shape, p in TRACKED]
+    steps = [(spectral.linear_map(m, shape), spectral.random_block(p, shape)) for m, shape, p in layers]
+    with spectral.eval_mode(layers[2][0]):
+        together = spectral.tracking_steps(steps)
+        alone = [spectral.tracking_steps([step])[0] for step in steps]
+    for (values, nxt), (one_values, one_nxt), (_, x) in zip(together, alone, steps):
+        assert values.shape == (x.shape[0],) and nxt.shape == x.shape
+        assert torch.allclose(values, one_values, rtol=1e-6)
+        assert torch.allclose(nxt, one_nxt, atol=1e-5)
 
 
 @pytest.mark.cuda
