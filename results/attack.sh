@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet]
-# (no argument: all six, in that order)
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [gain]
+# (no argument: all eight, in that order)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
 set -euo pipefail
@@ -63,9 +63,24 @@ lipnet() {  # the FGSM-RS-trained lipnets of results/train_lipnet.sh: the standa
     for f in metrics.csv config.toml environment.json; do cp "runs/lipnet/$m/$f" "$out/training/$m.$f"; done
   done
 }
+lipnet_l2() {  # the same two lipnets under the standard evaluation at L2 1.0/1.58/2.0, with the
+  # certified accuracy their sound bounds give at each radius
+  local cmds=() folders=()
+  for m in none-fgsm-s1 fastclip-fgsm-s1; do
+    cmds+=("$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm L2 --limit 100 --seed 0 --out runs/eval-lipnet-l2/$m")
+    folders+=("runs/eval-lipnet-l2/$m")
+  done
+  merged results/lipnet-fgsm-l2
+}
+gain() {  # how much of their Lipschitz budget the lipnets use on pairs of test digits
+  local out=results/lipnet-gain
+  .venv/bin/python results/layer_gain.py runs/lipnet/none-fgsm-s1 runs/lipnet/fastclip-fgsm-s1 \
+    runs/lipnet/fastclip-margin-s1 --limit 1000 --out "$out" > /dev/null
+  echo ".venv/bin/python results/layer_gain.py runs/lipnet/none-fgsm-s1 runs/lipnet/fastclip-fgsm-s1 runs/lipnet/fastclip-margin-s1 --limit 1000 --out $out" > "$out/command.txt"
+}
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain}"; do
   for p in $part; do "$p"; done
 done

@@ -5,7 +5,8 @@
 Reads results/mnist-simpleconv/results.json, results/training/{final_epoch,by_method}.csv,
 results/seeds-composite/results.json, results/transfer/results.csv,
 results/ensemble-*/results.json, results/lipnet-fgsm/ (results.json and the runs'
-training/*.metrics.csv) and results/FINDINGS.md (the prose, written by a person
+training/*.metrics.csv), results/lipnet-fgsm-l2/results.json,
+results/lipnet-gain/{network,layer}_gain.csv and results/FINDINGS.md (the prose, written by a person
 from these tables).  ``tests/test_results.py`` checks that README.md is what this renders.
 """
 import json
@@ -118,22 +119,48 @@ def certified_by_budget(rows: pd.DataFrame) -> pd.DataFrame:
                          "certified": std.certified_acc.map(pct)})
 
 
-def lipnet_section(folder: Path, title: str) -> list[str]:
+def lipnet_section(folder: Path, title: str, part: str, training: bool = True) -> list[str]:
     """A lipnet table of results/train_lipnet.sh: the standard evaluation per model and
-    budget with certified accuracy, its stages, and each run's epochs."""
+    budget with certified accuracy, its stages, and (``training``) each run's epochs;
+    ``part``: the part of results/attack.sh that made it."""
     rows = pd.DataFrame(json.loads((folder / "results.json").read_text()))
+    runs = (f" (each run's config and metrics in `{folder.name}/training/`)" if training else "")
     parts = [f"## {title} (the standard evaluation, first {int(rows.n.iloc[0])} test images)", "",
-             f"Commands: `results/train_lipnet.sh` (each run's config and metrics in "
-             f"`{folder.name}/training/`), `bash results/attack.sh lipnet`.", "",
+             f"Commands: `results/train_lipnet.sh`{runs}, `bash results/attack.sh {part}`.", "",
              markdown(certified_by_budget(rows)), "",
              "Lipschitz bounds (kind, empirical ratio): " + "; ".join(
                  f"{m} {p.lipschitz_bound.iloc[0]:.3f} ({p.bound_kind.iloc[0]}, {p.lipschitz_empirical.iloc[0]:.3f})"
                  for m, p in rows.groupby("model", sort=False)) + ".", "",
              markdown(stages(rows)), ""]
-    for metrics in sorted((folder / "training").glob("*.metrics.csv")):
+    for metrics in sorted((folder / "training").glob("*.metrics.csv")) if training else []:
         parts += [f"Training of {metrics.name.split('.')[0]}:", "",
                   markdown(epochs_table(pd.read_csv(metrics))), ""]
     return parts
+
+
+def gain_section(folder: Path) -> list[str]:
+    """results/layer_gain.py's tables: how much of its Lipschitz budget each lipnet uses."""
+    net = pd.read_csv(folder / "network_gain.csv")
+    layers = pd.read_csv(folder / "layer_gain.csv")
+    shown = pd.DataFrame({
+        "model": net.model, "bound (kinds)": [f"{b:.3f} ({k})" for b, k in zip(net.bound, net.bound_kinds)],
+        "network gain (median)": net.median_network_gain.map(lambda v: f"{v:.3f}"),
+        "product of layer gains": net.product_of_layer_gains.map(lambda v: f"{v:.3f}"),
+        "logit gap (median)": net.median_logit_gap.map(lambda v: f"{v:.2f}"),
+        "gap a certificate at L2 1.58 needs": net["gap_needed_at_1.58"].map(lambda v: f"{v:.2f}"),
+        "points with that gap": net.fraction_with_that_gap.map(pct)})
+    per_layer = layers.pivot(index="layer", columns="model", values="gain_over_sigma")
+    per_layer = per_layer.reindex(index=list(dict.fromkeys(layers.layer)), columns=list(net.model))
+    n = int(net.pairs.iloc[0])
+    return [f"## How much of their Lipschitz budget the lipnets use (first {n} test images)", "",
+            f"Command: `bash results/attack.sh gain` (`{folder.name}/command.txt`). Pairs of test "
+            "images of different classes; a layer's gain is ||L(u) - L(u')|| / ||u - u'|| on its "
+            "inputs for the pair, the network's ||f(x) - f(x')|| / ||x - x'||; medians over the "
+            f"{n} pairs. fastclip-margin-s1 is the stopped margin run of "
+            "`lipnet-margin-stopped/` (its last checkpoint, epoch 4).", "",
+            markdown(shown), "",
+            "Each layer's median gain as a fraction of its sigma_1 (PowerQR estimate):", "",
+            markdown(per_layer.map(lambda v: f"{v:.2f}").reset_index()), ""]
 
 
 def render() -> str:
@@ -207,7 +234,13 @@ def render() -> str:
                   f"and their ensemble (first {int(e.n.iloc[0])} test images)", "",
                   markdown(robust_by_eps(_main_rows(e))), ""]
     if (HERE / "lipnet-fgsm/results.json").exists():
-        parts += lipnet_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3")
+        parts += lipnet_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
+                                "lipnet")
+    if (HERE / "lipnet-fgsm-l2/results.json").exists():
+        parts += lipnet_section(HERE / "lipnet-fgsm-l2", "The same lipnets at L2", "lipnet_l2",
+                                training=False)
+    if (HERE / "lipnet-gain/network_gain.csv").exists():
+        parts += gain_section(HERE / "lipnet-gain")
     parts += ["## What the numbers say", "", (HERE / "FINDINGS.md").read_text()]
     return "\n".join(parts)
 
