@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [gain]
-# (no argument: all eight, in that order)
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain]
+# (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
 set -euo pipefail
@@ -71,6 +71,12 @@ lipnet_l2() {  # the same two lipnets under the standard evaluation at L2 1.0/1.
     folders+=("runs/eval-lipnet-l2/$m")
   done
   merged results/lipnet-fgsm-l2
+  l2_independent
+}
+l2_independent() {  # foolbox's FMN-L2 and L2 PGD beside the lipnets' L2 table (written into it)
+  local cmd=".venv/bin/python results/compare_l2.py runs/lipnet/none-fgsm-s1 runs/lipnet/fastclip-fgsm-s1 --limit 100 --out results/lipnet-fgsm-l2"
+  $cmd > /dev/null
+  grep -qxF "$cmd" results/lipnet-fgsm-l2/command.txt || echo "$cmd" >> results/lipnet-fgsm-l2/command.txt
 }
 gain() {  # how much of their Lipschitz budget the lipnets use on pairs of test digits
   local out=results/lipnet-gain

@@ -47,7 +47,8 @@ def headline(rows: pd.DataFrame) -> pd.DataFrame:
 
 def stages(rows: pd.DataFrame) -> pd.DataFrame:
     """Per model and (norm, eps): the points each stage of the cascade broke, the points
-    left, and the reference attacks' robust accuracy beside the standard's."""
+    left, the reference attacks' robust accuracy beside the standard's, and (where the
+    table has the suite's row) the per-sample worst case over all of them."""
     out = []
     for (model, norm, eps), part in rows.groupby(["model", "norm", "eps"], sort=False):
         by = part.set_index("attack")
@@ -57,6 +58,9 @@ def stages(rows: pd.DataFrame) -> pd.DataFrame:
         line["standard"] = pct(by.loc["standard", "robust_acc"])
         ref = "pgd-50" if norm == "Linf" else "pgdl2-100"
         line["PGD (50 Linf / 100 L2)"] = pct(by.loc[ref, "robust_acc"])
+        suite = [a for a in part.attack if a not in ("standard", ref) and not a.startswith("standard:")]
+        if suite:  # the suite's row: per sample, the worst case over every attack
+            line["worst of all, per sample"] = pct(by.loc[suite[0], "robust_acc"])
         out.append(line)
     return pd.DataFrame(out)
 
@@ -131,11 +135,22 @@ def lipnet_section(folder: Path, title: str, part: str, training: bool = True) -
              "Lipschitz bounds (kind, empirical ratio): " + "; ".join(
                  f"{m} {p.lipschitz_bound.iloc[0]:.3f} ({p.bound_kind.iloc[0]}, {p.lipschitz_empirical.iloc[0]:.3f})"
                  for m, p in rows.groupby("model", sort=False)) + ".", "",
-             markdown(stages(rows)), ""]
+             markdown(stages(rows)), "", *independent_l2(folder)]
     for metrics in sorted((folder / "training").glob("*.metrics.csv")) if training else []:
         parts += [f"Training of {metrics.name.split('.')[0]}:", "",
                   markdown(epochs_table(pd.read_csv(metrics))), ""]
     return parts
+
+
+def independent_l2(folder: Path) -> list[str]:
+    """results/compare_l2.py's table of a folder, if it has one."""
+    if not (folder / "independent_l2.csv").exists():
+        return []
+    ind = pd.read_csv(folder / "independent_l2.csv")
+    shown = ind.drop(columns="standard_minus_best")
+    shown = shown.assign(**{c: ind[c].map(pct) for c in ("standard", "fmn_l2_200", "pgd_l2_100")})
+    return ["Independent L2 attacks on the same images (foolbox's FMN-L2, 200 steps, "
+            "and L2 PGD, 100 steps; `results/compare_l2.py`):", "", markdown(shown), ""]
 
 
 def gain_section(folder: Path) -> list[str]:
@@ -197,14 +212,7 @@ def render() -> str:
              "Which stage broke how many points, and PGD beside the standard (the standard "
              "must never be above it):", "",
              markdown(stages(main_rows)), ""]
-    independent = HERE / "mnist-simpleconv/independent_l2.csv"
-    if independent.exists():
-        ind = pd.read_csv(independent)
-        shown = ind.assign(**{c: ind[c].map(pct) for c in ("standard", "fmn_l2_200", "pgd_l2_100")})
-        shown["standard minus best"] = ind.standard_minus_best.map(lambda v: f"{100 * v:+.1f} pts")
-        parts += ["Independent L2 attacks on the same images (foolbox's FMN-L2, 200 steps, "
-                  "and L2 PGD, 100 steps; `results/compare_l2.py`):", "",
-                  markdown(shown.drop(columns="standard_minus_best")), ""]
+    parts += independent_l2(HERE / "mnist-simpleconv")
     parts += ["![robust vs eps](mnist-simpleconv/robust_vs_eps_Linf.png) "
               "![robust vs eps](mnist-simpleconv/robust_vs_eps_L2.png)", ""]
     seeds = HERE / "seeds-composite/results.json"
