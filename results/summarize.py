@@ -6,7 +6,8 @@ Reads results/mnist-simpleconv/results.json, results/training/{final_epoch,by_me
 results/seeds-composite/results.json, results/transfer/results.csv,
 results/ensemble-*/results.json, results/lipnet-fgsm/ (results.json and the runs'
 training/*.metrics.csv), results/lipnet-fgsm-l2/results.json,
-results/lipnet-gain/{network,layer}_gain.csv and results/FINDINGS.md (the prose, written by a person
+results/lipnet-gain/{network,layer}_gain.csv, results/lipnet-rescale-probe/probe.csv
+and results/FINDINGS.md (the prose, written by a person
 from these tables).  ``tests/test_results.py`` checks that README.md is what this renders.
 """
 import json
@@ -249,6 +250,18 @@ def render() -> str:
                                 training=False)
     if (HERE / "lipnet-gain/network_gain.csv").exists():
         parts += gain_section(HERE / "lipnet-gain")
+    if (HERE / "lipnet-rescale-probe/probe.csv").exists():
+        probe = pd.read_csv(HERE / "lipnet-rescale-probe/probe.csv")
+        shown = pd.DataFrame({
+            "holding the layers at 1": probe.per_step_rescale.map(
+                lambda r: "clip events + per-step rescale" if r else "clip events alone"),
+            "step": probe.step, "test acc (first 2000)": probe.test_acc.map(pct),
+            "largest tracked sigma": probe.largest_tracked_sigma.map(lambda v: f"{v:.3f}"),
+            "network gain (median)": probe.network_gain.map(lambda v: f"{v:.3f}")})
+        parts += ["## Clip events against the per-step rescale: short lipnet + fastclip trainings", "",
+                  "Command: `lipnet-rescale-probe/command.txt` (`results/rescale_probe.py`: "
+                  "cross-entropy of 4 x logits, SGD lr 0.005, momentum 0.9, the same start and "
+                  "batches for both).", "", markdown(shown), ""]
     parts += ["## What the numbers say", "", (HERE / "FINDINGS.md").read_text()]
     return "\n".join(parts)
 
