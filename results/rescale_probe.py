@@ -1,8 +1,8 @@
-"""Short lipnet + fastclip trainings that tell the two ways of holding a layer at its clip
-target apart: clip events alone (FastClip's descent every 50 steps, which moves the top
-singular directions only) against clip events plus the per-step rescale
-(``method.rescale_every_step``: the whole weight times min(1, c / sigma) after every
-step), on the same start, data and optimiser.
+"""Short lipnet + fastclip trainings that tell ways of holding a layer at its clip target
+apart, on the same start, data and optimiser: clip events alone (FastClip's descent,
+which moves the top singular directions only) every 50 steps, the same plus the per-step
+rescale (``method.rescale_every_step``: the whole weight times min(1, c / sigma) after
+every step), and clip events alone every 5 steps.
 
 Each variant trains ``--steps`` steps of 128 MNIST training images with SGD (momentum
 0.9) on the cross-entropy of ``--temperature`` x logits (the logits of a network with
@@ -30,10 +30,15 @@ from robustclip.models import build_model, wrappers
 import layer_gain  # results/layer_gain.py, beside this file
 
 
-def train(rescale: bool, steps: int, lr: float, temperature: float, x, y, xt, yt) -> list[dict]:
+#: (per-step rescale, clip_steps) of each variant
+VARIANTS = [(False, 50), (True, 50), (False, 5)]
+
+
+def train(rescale: bool, clip_steps: int, steps: int, lr: float, temperature: float,
+          x, y, xt, yt) -> list[dict]:
     torch.manual_seed(1)
-    model = build_model("lipnet", "mnist", "fastclip", {"clip": 1.0, "clip_steps": 50, "init_delay": 0,
-                                                        "rescale_every_step": rescale}).train()
+    model = build_model("lipnet", "mnist", "fastclip", {
+        "clip": 1.0, "clip_steps": clip_steps, "init_delay": 0, "rescale_every_step": rescale}).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     rows = []
     partner = layer_gain._pairs(yt)
@@ -46,7 +51,7 @@ def train(rescale: bool, steps: int, lr: float, temperature: float, x, y, xt, yt
             with torch.no_grad():
                 z = model(xt)
             model.train()
-            rows.append({"per_step_rescale": rescale, "step": step,
+            rows.append({"per_step_rescale": rescale, "clip_steps": clip_steps, "step": step,
                          "test_acc": float((z.argmax(1) == yt).float().mean()),
                          "largest_tracked_sigma": max(float(w.sigmas[0]) for w in wrappers(model)),
                          "network_gain": float(layer_gain._gain(xt, z, partner).median())})
@@ -64,8 +69,8 @@ def main() -> None:
     torch.set_num_threads(1)
     x, y = load("mnist", "train", limit=128 * args.steps).tensors
     xt, yt = load("mnist", "test", limit=2000).tensors
-    rows = [r for rescale in (False, True)
-            for r in train(rescale, args.steps, args.lr, args.temperature, x, y, xt, yt)]
+    rows = [r for rescale, clip_steps in VARIANTS
+            for r in train(rescale, clip_steps, args.steps, args.lr, args.temperature, x, y, xt, yt)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "probe.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))

@@ -253,8 +253,8 @@ def render() -> str:
     if (HERE / "lipnet-rescale-probe/probe.csv").exists():
         probe = pd.read_csv(HERE / "lipnet-rescale-probe/probe.csv")
         shown = pd.DataFrame({
-            "holding the layers at 1": probe.per_step_rescale.map(
-                lambda r: "clip events + per-step rescale" if r else "clip events alone"),
+            "holding the layers at 1": [f"clip events every {c}" + (" + per-step rescale" if r else "")
+                                        for r, c in zip(probe.per_step_rescale, probe.clip_steps)],
             "step": probe.step, "test acc (first 2000)": probe.test_acc.map(pct),
             "largest tracked sigma": probe.largest_tracked_sigma.map(lambda v: f"{v:.3f}"),
             "network gain (median)": probe.network_gain.map(lambda v: f"{v:.3f}")})
