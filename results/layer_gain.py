@@ -36,7 +36,7 @@ from robustclip.spectral import singular_values
 RADIUS = 1.58
 
 
-def _pairs(y: torch.Tensor) -> torch.Tensor:
+def different_class_pairs(y: torch.Tensor) -> torch.Tensor:
     """For each i, the index of the next sample (cyclically) whose label differs from y_i."""
     n = len(y)
     partner = torch.empty(n, dtype=torch.long)
@@ -62,7 +62,7 @@ def _layer_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor
     return seen
 
 
-def _gain(u: torch.Tensor, out: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+def pair_gain(u: torch.Tensor, out: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     """Per pair: ||out_i - out_j|| / ||u_i - u_j||."""
     return ((out - out[partner]).flatten(1).norm(dim=1)
             / (u - u[partner]).flatten(1).norm(dim=1).clamp_min(1e-12))
@@ -77,13 +77,13 @@ def main() -> None:
     layers, networks = [], []
     for name, model in load_runs(args.runs).items():
         x, y = test_set(data_source(model.robustclip_meta), args.limit)
-        partner = _pairs(y)
+        partner = different_class_pairs(y)
         io = _layer_io(model, x)
         product = 1.0
         for w in wrappers(model):
             u, out = io[w.name]
             sigma = float(singular_values(w.module, tuple(u.shape[1:]))[0])
-            gain = float(_gain(u, out, partner).median())
+            gain = float(pair_gain(u, out, partner).median())
             product *= gain
             layers.append({"model": name, "layer": w.name, "sigma_1": sigma, "median_gain": gain,
                            "gain_over_sigma": gain / sigma})
@@ -95,7 +95,7 @@ def main() -> None:
         gap = true - z.scatter(1, y[:, None], -math.inf).max(1).values
         needed = math.sqrt(2) * bound * RADIUS
         networks.append({"model": name, "pairs": len(y), "bound": bound, "bound_kinds": "+".join(kinds),
-                         "median_network_gain": float(_gain(x, z, partner).median()),
+                         "median_network_gain": float(pair_gain(x, z, partner).median()),
                          "product_of_layer_gains": product,
                          "median_logit_gap": float(gap.median()),
                          "gap_needed_at_1.58": needed,

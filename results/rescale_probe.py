@@ -7,9 +7,9 @@ every step), and clip events alone every 5 steps.
 Each variant trains ``--steps`` steps of 128 MNIST training images with SGD (momentum
 0.9) on the cross-entropy of ``--temperature`` x logits (the logits of a network with
 every layer at sigma <= 1 are small), and prints, every 50 steps, the test accuracy on
-the first 2000 test images and the largest tracked sigma; the last line per variant also
-gives the median network gain ||f(x) - f(x')|| / ||x - x'|| over pairs of those test
-images of different classes (as results/layer_gain.py).
+the first 2000 test images, the largest tracked sigma and the median network gain
+||f(x) - f(x')|| / ||x - x'|| over pairs of those test images of different classes (as
+results/layer_gain.py); writes them to probe.csv, with environment.json.
 
     .venv/bin/python results/rescale_probe.py --out results/lipnet-rescale-probe
 """
@@ -41,7 +41,7 @@ def train(rescale: bool, clip_steps: int, steps: int, lr: float, temperature: fl
         "clip": 1.0, "clip_steps": clip_steps, "init_delay": 0, "rescale_every_step": rescale}).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     rows = []
-    partner = layer_gain._pairs(yt)
+    partner = layer_gain.different_class_pairs(yt)
     for step, (xb, yb) in enumerate(zip(x.split(128), y.split(128)), start=1):
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(temperature * model(xb), yb).backward()
@@ -54,7 +54,7 @@ def train(rescale: bool, clip_steps: int, steps: int, lr: float, temperature: fl
             rows.append({"per_step_rescale": rescale, "clip_steps": clip_steps, "step": step,
                          "test_acc": float((z.argmax(1) == yt).float().mean()),
                          "largest_tracked_sigma": max(float(w.sigmas[0]) for w in wrappers(model)),
-                         "network_gain": float(layer_gain._gain(xt, z, partner).median())})
+                         "network_gain": float(layer_gain.pair_gain(xt, z, partner).median())})
             print(rows[-1], flush=True)
     return rows
 

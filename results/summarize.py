@@ -179,6 +179,22 @@ def gain_section(folder: Path) -> list[str]:
             markdown(per_layer.map(lambda v: f"{v:.2f}").reset_index()), ""]
 
 
+def probe_section(folder: Path) -> list[str]:
+    """results/rescale_probe.py's table: ways of holding lipnet's layers at their target."""
+    probe = pd.read_csv(folder / "probe.csv")
+    held = [f"clip events every {c}" + (" + per-step rescale" if r else "")
+            for r, c in zip(probe.per_step_rescale, probe.clip_steps)]
+    shown = pd.DataFrame({
+        "holding the layers at 1": held, "step": probe.step,
+        "test acc (first 2000)": probe.test_acc.map(pct),
+        "largest tracked sigma": probe.largest_tracked_sigma.map(lambda v: f"{v:.3f}"),
+        "network gain (median)": probe.network_gain.map(lambda v: f"{v:.3f}")})
+    return ["## Clip events against the per-step rescale: short lipnet + fastclip trainings", "",
+            f"Command: `{folder.name}/command.txt` (`results/rescale_probe.py`: cross-entropy of "
+            f"4 x logits, SGD lr 0.005, momentum 0.9, the same start and batches for all "
+            f"{len(set(held))} variants).", "", markdown(shown), ""]
+
+
 def render() -> str:
     main_rows = pd.DataFrame(json.loads((HERE / "mnist-simpleconv/results.json").read_text()))
     final = pd.read_csv(HERE / "training/final_epoch.csv")
@@ -251,17 +267,7 @@ def render() -> str:
     if (HERE / "lipnet-gain/network_gain.csv").exists():
         parts += gain_section(HERE / "lipnet-gain")
     if (HERE / "lipnet-rescale-probe/probe.csv").exists():
-        probe = pd.read_csv(HERE / "lipnet-rescale-probe/probe.csv")
-        shown = pd.DataFrame({
-            "holding the layers at 1": [f"clip events every {c}" + (" + per-step rescale" if r else "")
-                                        for r, c in zip(probe.per_step_rescale, probe.clip_steps)],
-            "step": probe.step, "test acc (first 2000)": probe.test_acc.map(pct),
-            "largest tracked sigma": probe.largest_tracked_sigma.map(lambda v: f"{v:.3f}"),
-            "network gain (median)": probe.network_gain.map(lambda v: f"{v:.3f}")})
-        parts += ["## Clip events against the per-step rescale: short lipnet + fastclip trainings", "",
-                  "Command: `lipnet-rescale-probe/command.txt` (`results/rescale_probe.py`: "
-                  "cross-entropy of 4 x logits, SGD lr 0.005, momentum 0.9, the same start and "
-                  "batches for both).", "", markdown(shown), ""]
+        parts += probe_section(HERE / "lipnet-rescale-probe")
     parts += ["## What the numbers say", "", (HERE / "FINDINGS.md").read_text()]
     return "\n".join(parts)
 

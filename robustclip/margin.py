@@ -28,7 +28,8 @@ sigma 3.9 for a conv clipped to 1), so the margin trains for an L several times 
 What L is worth.  L is never a certificate.  In constant mode it is a target: FastClip
 enforces sigma <= c (1 + tol) at its clip events only (every clip_steps steps, after
 init_delay; a conv+BN composite and gouk rescale every step), and against PowerQR's
-estimate, a lower bound of the true sigma; between events a layer may exceed c.  In
+estimate, which can lie below the true sigma (directions outside the tracked block rise
+unseen); between events a layer may exceed c.  In
 tracked mode each factor is an estimate from below that converges as the tracking
 iterations do.  Certificates at evaluation time always come from the sound bound of
 ``robustclip.bounds.lipschitz_report`` (guaranteed per-operator upper bounds), never

@@ -230,8 +230,9 @@ def tracking_steps(steps: Sequence[tuple[LinearMap, Tensor]]) -> list[tuple[Tens
     exact Ritz step of every initialisation and clip event keep it.  Measured by
     ``bench/tracking_bound.py`` on simpleconv-composite (5 vectors, MNIST, SGD momentum
     0.9, 300 steps, clip events every 50): median 0.2% and at most 1.5% above the top
-    Ritz value at lr 0.01, median 0.3% and at most 3.6% at lr 0.05.  Each squared value is within twice the largest
-    off-diagonal row mass of G of the squared Ritz value of its rank (Weyl's inequality).
+    Ritz value at lr 0.01, median 0.3% and at most 3.6% at lr 0.05.  Each squared value
+    is within twice the largest off-diagonal row mass of G of the squared Ritz value of
+    its rank (Weyl's inequality).
 
     The Rayleigh-Ritz matrices of the blocks of one size, dtype and device are bounded
     together, so the number of operations launched grows by one product per layer.
