@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -84,9 +84,24 @@ gain() {  # how much of their Lipschitz budget the lipnets use on pairs of test 
     runs/lipnet/fastclip-margin-s1 --limit 1000 --out "$out" > /dev/null
   echo ".venv/bin/python results/layer_gain.py runs/lipnet/none-fgsm-s1 runs/lipnet/fastclip-fgsm-s1 runs/lipnet/fastclip-margin-s1 --limit 1000 --out $out" > "$out/command.txt"
 }
+smallcnn() {  # the FGSM-RS-trained smallcnns of results/train_smallcnn.sh: the standard
+  # evaluation at Linf 0.1/0.2/0.3 and L2 1.0/1.58/2.0 (certified accuracy from the sound
+  # bound at each L2 radius) on the first 1000 test images, one model per command, merged,
+  # with foolbox's FMN and PGD (L2 and Linf) beside it; each run's config and metrics beside it
+  local out=results/smallcnn-fgsm models="none-fgsm-s1 fastclip-fgsm-s1" cmds=() folders=()
+  for m in $models; do
+    cmds+=("$rc attack runs/smallcnn/$m --suite attacks/mnist-results.toml --limit 1000 --seed 0 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_l2.py runs/smallcnn/$m --limit 1000 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_linf.py runs/smallcnn/$m --limit 1000 --out runs/eval-smallcnn/$m")
+    folders+=("runs/eval-smallcnn/$m")
+  done
+  merged "$out"
+  mkdir -p "$out/training"
+  for m in $models; do
+    for f in metrics.csv config.toml environment.json; do cp "runs/smallcnn/$m/$f" "$out/training/$m.$f"; done
+  done
+}
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn}"; do
   for p in $part; do "$p"; done
 done

@@ -27,15 +27,16 @@ with warnings.catch_warnings():  # foolbox imports a deprecated scipy module
     import foolbox
 
 
-def robust(model, attack, x, y, eps: float, batch: int = 250) -> float:
-    """Fraction of x correct and not fooled by foolbox ``attack`` within L2 ``eps``."""
+def robust(model, attack, x, y, eps: float, batch: int = 250, p: float = 2) -> float:
+    """Fraction of x correct and not fooled by foolbox ``attack`` within ``eps`` in the
+    L``p`` norm (2 or inf)."""
     fmodel = foolbox.PyTorchModel(model, bounds=(0, 1))
     kept = 0
     for xb, yb in zip(x.split(batch), y.split(batch)):
         with torch.no_grad():
             correct = model(xb).argmax(1) == yb
         _, adv, success = attack(fmodel, xb, yb, epsilons=eps)
-        assert float((adv - xb).flatten(1).norm(dim=1).max()) <= eps * 1.001
+        assert float((adv - xb).flatten(1).norm(p=p, dim=1).max()) <= eps * 1.001
         kept += int((correct & ~success).sum())
     return kept / len(x)
 

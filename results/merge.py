@@ -1,7 +1,8 @@
 """Merge the results folders of several `robustclip attack` runs (one model each, run side
 by side on a 2-core machine) into one folder: the rows in the given order, each with the
 warnings its own run gave it, and the same files and plots one command would write (and
-their independent_l2.csv of results/compare_l2.py, joined).
+their independent_l2.csv and independent_linf.csv of results/compare_l2.py and
+compare_linf.py, joined).
 
     .venv/bin/python results/merge.py FOLDER... --out results/mnist-simpleconv
 
@@ -46,10 +47,11 @@ def main() -> None:
                     if (Path(f) / "environment.json").exists()]  # written by each run
     if environments:
         write_text(out / "environment.json", json.dumps(environments, indent=1) + "\n")
-    independent = [Path(f) / "independent_l2.csv" for f in args.folders]
-    if all(f.exists() for f in independent):  # results/compare_l2.py of each folder
-        both = pd.concat([pd.read_csv(f) for f in independent], ignore_index=True)
-        atomic_write(out / "independent_l2.csv", lambda tmp: both.to_csv(tmp, index=False))
+    for name in ("independent_l2.csv", "independent_linf.csv"):  # compare_l2.py, compare_linf.py
+        independent = [Path(f) / name for f in args.folders]
+        if all(f.exists() for f in independent):
+            joined = pd.concat([pd.read_csv(f) for f in independent], ignore_index=True)
+            atomic_write(out / name, lambda tmp, j=joined: j.to_csv(tmp, index=False))
 
 
 if __name__ == "__main__":

@@ -124,34 +124,44 @@ def certified_by_budget(rows: pd.DataFrame) -> pd.DataFrame:
                          "certified": std.certified_acc.map(pct)})
 
 
-def lipnet_section(folder: Path, title: str, part: str, training: bool = True) -> list[str]:
-    """A lipnet table of results/train_lipnet.sh: the standard evaluation per model and
-    budget with certified accuracy, its stages, and (``training``) each run's epochs;
-    ``part``: the part of results/attack.sh that made it."""
+def trained_section(folder: Path, title: str, part: str, script: str, training: bool = True
+                    ) -> list[str]:
+    """A table of the runs of ``script`` (results/train_lipnet.sh, train_smallcnn.sh): the
+    standard evaluation per model and budget with certified accuracy, its stages, the
+    independent attacks, and (``training``) each run's epochs; ``part``: the part of
+    results/attack.sh that made it."""
     rows = pd.DataFrame(json.loads((folder / "results.json").read_text()))
     runs = (f" (each run's config and metrics in `{folder.name}/training/`)" if training else "")
     parts = [f"## {title} (the standard evaluation, first {int(rows.n.iloc[0])} test images)", "",
-             f"Commands: `results/train_lipnet.sh`{runs}, `bash results/attack.sh {part}`.", "",
+             f"Commands: `{script}`{runs}, `bash results/attack.sh {part}`.", "",
              markdown(certified_by_budget(rows)), "",
              "Lipschitz bounds (kind, empirical ratio): " + "; ".join(
                  f"{m} {p.lipschitz_bound.iloc[0]:.3f} ({p.bound_kind.iloc[0]}, {p.lipschitz_empirical.iloc[0]:.3f})"
                  for m, p in rows.groupby("model", sort=False)) + ".", "",
-             markdown(stages(rows)), "", *independent_l2(folder)]
+             markdown(stages(rows)), "", *independent(folder)]
     for metrics in sorted((folder / "training").glob("*.metrics.csv")) if training else []:
         parts += [f"Training of {metrics.name.split('.')[0]}:", "",
                   markdown(epochs_table(pd.read_csv(metrics))), ""]
     return parts
 
 
-def independent_l2(folder: Path) -> list[str]:
-    """results/compare_l2.py's table of a folder, if it has one."""
-    if not (folder / "independent_l2.csv").exists():
-        return []
-    ind = pd.read_csv(folder / "independent_l2.csv")
-    shown = ind.drop(columns="standard_minus_best")
-    shown = shown.assign(**{c: ind[c].map(pct) for c in ("standard", "fmn_l2_200", "pgd_l2_100")})
-    return ["Independent L2 attacks on the same images (foolbox's FMN-L2, 200 steps, "
-            "and L2 PGD, 100 steps; `results/compare_l2.py`):", "", markdown(shown), ""]
+INDEPENDENT = {"l2": ("L2", "FMN-L2", "L2 PGD", "results/compare_l2.py"),
+               "linf": ("Linf", "FMN-Linf", "Linf PGD", "results/compare_linf.py")}
+
+
+def independent(folder: Path) -> list[str]:
+    """The tables of results/compare_l2.py and compare_linf.py in a folder, those it has."""
+    parts = []
+    for suffix, (norm, fmn, pgd, script) in INDEPENDENT.items():
+        if not (folder / f"independent_{suffix}.csv").exists():
+            continue
+        ind = pd.read_csv(folder / f"independent_{suffix}.csv")
+        attacks = [c for c in ind.columns if c.startswith(("fmn_", "pgd_"))]
+        shown = ind.drop(columns="standard_minus_best")
+        shown = shown.assign(**{c: ind[c].map(pct) for c in ("standard", *attacks)})
+        parts += [f"Independent {norm} attacks on the same images (foolbox's {fmn}, 200 steps, "
+                  f"and {pgd}, 100 steps; `{script}`):", "", markdown(shown), ""]
+    return parts
 
 
 def gain_section(folder: Path) -> list[str]:
@@ -229,7 +239,7 @@ def render() -> str:
              "Which stage broke how many points, and PGD beside the standard (the standard "
              "must never be above it):", "",
              markdown(stages(main_rows)), ""]
-    parts += independent_l2(HERE / "mnist-simpleconv")
+    parts += independent(HERE / "mnist-simpleconv")
     parts += ["![robust vs eps](mnist-simpleconv/robust_vs_eps_Linf.png) "
               "![robust vs eps](mnist-simpleconv/robust_vs_eps_L2.png)", ""]
     seeds = HERE / "seeds-composite/results.json"
@@ -258,12 +268,16 @@ def render() -> str:
         parts += [f"## {title[0].upper()}{title[1:]}, white-box, on {ens.parent.name}: its members "
                   f"and their ensemble (first {int(e.n.iloc[0])} test images)", "",
                   markdown(robust_by_eps(_main_rows(e))), ""]
+    if (HERE / "smallcnn-fgsm/results.json").exists():
+        parts += trained_section(HERE / "smallcnn-fgsm", "Adversarial training: smallcnn (Wong et "
+                                 "al.'s recipe), FGSM-RS at Linf 0.3", "smallcnn",
+                                 "results/train_smallcnn.sh")
     if (HERE / "lipnet-fgsm/results.json").exists():
-        parts += lipnet_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
-                                "lipnet")
+        parts += trained_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
+                                 "lipnet", "results/train_lipnet.sh")
     if (HERE / "lipnet-fgsm-l2/results.json").exists():
-        parts += lipnet_section(HERE / "lipnet-fgsm-l2", "The same lipnets at L2", "lipnet_l2",
-                                training=False)
+        parts += trained_section(HERE / "lipnet-fgsm-l2", "The same lipnets at L2", "lipnet_l2",
+                                 "results/train_lipnet.sh", training=False)
     if (HERE / "lipnet-gain/network_gain.csv").exists():
         parts += gain_section(HERE / "lipnet-gain")
     if (HERE / "lipnet-rescale-probe/probe.csv").exists():

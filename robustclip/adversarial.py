@@ -3,6 +3,10 @@
 * FGSM with a random start (Wong et al. 2020, "Fast is better than free"): a uniform
   random start in the Linf ball of radius eps, one signed-gradient step (1.25 eps by
   default), projection onto the ball and [0, 1];
+* N-FGSM (de Jorge et al. 2022, "Make some noise"): a uniform random start of twice the
+  radius (2 eps), one signed-gradient step of eps, and no projection onto the eps ball
+  (only onto [0, 1]): the training perturbation may reach 3 eps in Linf.  It avoids the
+  catastrophic overfitting of FGSM-RS at large eps at the same cost;
 * PGD (Madry et al. 2018): a uniform random start, then ``steps`` signed-gradient steps,
   each projected;
 * the objective is the cross-entropy, or for TRADES (Zhang et al. 2019) the KL
@@ -35,8 +39,11 @@ from robustclip.spectral import _BATCHNORMS
 
 log = logging.getLogger(__name__)
 
-#: (attack, default step size / eps): Wong et al.'s 1.25 for FGSM-RS; Madry's 2.5 / steps.
+#: (attack, default step size / eps): Wong et al.'s 1.25 for FGSM-RS; de Jorge et al.'s 1
+#: for N-FGSM (its noise: 2 eps); Madry's 2.5 / steps.
 FGSM_STEP = 1.25
+N_FGSM_STEP = 1.0
+N_FGSM_NOISE = 2.0
 PGD_STEP_TIMES_STEPS = 2.5
 
 
@@ -63,28 +70,33 @@ def passive(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
 
 def step_ratio(attack: str, steps: int, step_size: float, eps: float) -> float:
     """The step size of ``attack`` as a multiple of eps: ``step_size`` / eps where it is
-    set (non-zero), else the default (FGSM-RS: 1.25; PGD: 2.5 / steps)."""
+    set (non-zero), else the default (FGSM-RS: 1.25; N-FGSM: 1; PGD: 2.5 / steps)."""
     if step_size:
         return step_size / eps
-    return FGSM_STEP if attack == "fgsm-rs" else PGD_STEP_TIMES_STEPS / steps
+    return {"fgsm-rs": FGSM_STEP, "n-fgsm": N_FGSM_STEP}.get(attack, PGD_STEP_TIMES_STEPS / steps)
 
 
 def craft(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, eps: float,
-          step_size: float, steps: int, clean_probs: Tensor | None = None) -> Tensor:
+          step_size: float, steps: int, clean_probs: Tensor | None = None,
+          noise_scale: float = 1.0, project: bool = True) -> Tensor:
     """Adversarial examples of x (N, C, H, W) in [0, 1] within the Linf ball of radius
     ``eps`` (pixel units) and [0, 1].
 
-    noise: (N, C, H, W) uniform in [-1, 1]: the random start x + eps * noise.  steps
-    signed-gradient steps of ``step_size`` (1 for FGSM-RS).  clean_probs: (N, classes)
-    softmax of the clean logits for TRADES' KL objective; None: cross-entropy with y.
-    Run the model under :func:`passive`.  Returns x_adv, detached.
+    noise: (N, C, H, W) uniform in [-1, 1]: the random start x + noise_scale * eps *
+    noise.  steps signed-gradient steps of ``step_size`` (1 for FGSM-RS and N-FGSM).
+    clean_probs: (N, classes) softmax of the clean logits for TRADES' KL objective; None:
+    cross-entropy with y.  project: False keeps only [0, 1] (N-FGSM: no eps ball).  Run
+    the model under :func:`passive`.  Returns x_adv, detached.
     """
     if clean_probs is None:
         objective: Callable[[Tensor], Tensor] = lambda out: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
     else:
         objective = lambda out: F.kl_div(F.log_softmax(out, 1), clean_probs, reduction="sum")  # noqa: E731
-    low, high = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
-    x_adv = torch.min(torch.max(x + eps * noise, low), high)
+    if project:
+        low, high = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    else:
+        low, high = torch.zeros_like(x), torch.ones_like(x)
+    x_adv = torch.min(torch.max(x + (noise_scale * eps) * noise, low), high)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
@@ -108,7 +120,7 @@ class OverfittingMonitor:
     """FGSM-RS and PGD accuracy on a fixed held-out batch, each epoch; flags catastrophic
     overfitting.
 
-    x, y: the held-out samples (the first ``monitor_samples`` of the test split); under
+    x, y: the held-out samples (the last ``monitor_samples`` of the test split); under
     torchrun each rank attacks its share and the counts are all-reduced.  Both attacks run
     at the configured (full) eps whatever the warm-up, BatchNorm in eval mode, from a
     uniform random start drawn from a generator seeded by ``seed`` alone: every epoch

@@ -68,10 +68,13 @@ class MethodConfig:
     rescale_every_step: bool = False
 
 
-ATTACKS = ("none", "fgsm-rs", "pgd")
+ATTACKS = ("none", "fgsm-rs", "n-fgsm", "pgd")
 ADVERSARIAL_LOSSES = ("adversarial", "trades")
 BN_MODES = ("train", "eval")
 LOSSES = ("cross-entropy", "lipschitz-margin")
+MARGIN_BOUNDS = ("auto", "sound")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("step", "cyclic")
 
 
 @dataclass
@@ -79,20 +82,25 @@ class AdversarialConfig:
     """Adversarial training (robustclip.adversarial), off with attack "none".
 
     attack: "fgsm-rs" (Wong et al. 2020: uniform random start in the eps ball, one signed
-    gradient step of step_size, projection) or "pgd" (Madry et al. 2018: uniform random
-    start, ``steps`` signed steps of step_size, each projected).  eps: Linf radius in
-    pixel units (inputs in [0, 1]).  step_size: at the full eps, in pixel units; 0 means
-    1.25 eps for fgsm-rs, 2.5 eps / steps for pgd.  warmup_epochs: eps (and step_size)
+    gradient step of step_size, projection), "n-fgsm" (de Jorge et al. 2022: uniform
+    random start in the 2 eps ball, one signed step of step_size, projection onto [0, 1]
+    only) or "pgd" (Madry et al. 2018: uniform random start, ``steps`` signed steps of
+    step_size, each projected).  eps: Linf radius in pixel units (inputs in [0, 1]).
+    step_size: at the full eps, in pixel units; 0 means 1.25 eps for fgsm-rs, eps for
+    n-fgsm, 2.5 eps / steps for pgd.  warmup_epochs: eps (and step_size)
     ramp linearly from 0 to their values over the first warmup_epochs epochs, step by
     step (0: full from the first step).  loss: "adversarial" (cross-entropy on the
     adversarial examples only) or "trades" (Zhang et al. 2019: CE(clean) + beta *
     KL(p(x) || p(x_adv)), the examples maximising the KL).  bn_mode: BatchNorm while
     crafting: "train" (batch statistics, running ones left alone; Wong et al.'s and
     Madry's code) or "eval" (running statistics; TRADES' code).  monitor_samples: the
-    first N test samples on which PGD-monitor_steps accuracy at eps is measured each
-    epoch (``pgd_acc``, with FGSM-RS's ``fgsm_acc`` beside it; 0: off); a drop of more
-    than overfit_drop from the previous epoch, or FGSM-RS accuracy more than overfit_gap
-    above PGD's, is flagged as catastrophic overfitting."""
+    last N test samples (clear of the first ones that evaluations take) on which
+    PGD-monitor_steps accuracy at eps is measured each epoch (``pgd_acc``, with FGSM-RS's
+    ``fgsm_acc`` beside it; 0: off); a drop of more than overfit_drop from the previous
+    epoch, or FGSM-RS accuracy more than overfit_gap above PGD's, is flagged as
+    catastrophic overfitting.  early_stop: the first epoch flagged once eps is at its
+    full value ends the run unsaved, last.pt keeping the epoch before (Wong et al.
+    2020's early stopping)."""
 
     attack: str = "none"
     eps: float = 0.0
@@ -106,20 +114,31 @@ class AdversarialConfig:
     monitor_steps: int = 10
     overfit_drop: float = 0.2
     overfit_gap: float = 0.3
+    early_stop: bool = False
 
 
 @dataclass
 class TrainConfig:
-    """SGD with momentum and StepLR (lr *= gamma every step_size epochs).  limit_train /
+    """optimizer: "sgd" (with momentum) or "adam" (torch's defaults but lr and
+    weight_decay).  schedule: "step" (StepLR: lr *= gamma every step_size epochs) or
+    "cyclic" (Wong et al. 2020: lr rises linearly from 0 to lr over the first 2/5 of the
+    training steps and falls linearly back to 0 at the last, set every step; it spans
+    train.epochs, so a resume that changes train.epochs is refused).  limit_train /
     limit_test: use the first N samples (0: all).  device: auto, cpu, cuda or cuda:N.
     loss: "cross-entropy" or "lipschitz-margin" (Tsuzuku et al. 2018: sqrt(2) L eps_cert
     added to every logit but the true one before the cross-entropy, L the network's
-    training bound, see robustclip.margin; eps_cert: L2 radius in pixel units).
+    training bound, see robustclip.margin; eps_cert: L2 radius in pixel units;
+    margin_bound: "auto" (L constant, the clip targets, when every layer is clipped, else
+    the tracked estimates) or "sound" (L the guaranteed bound the certificate uses,
+    differentiable); margin_temperature: the margin logits' factor before the
+    cross-entropy).
     adversarial: the [train.adversarial] table."""
 
     epochs: int = 60
     batch_size: int = 128
     eval_batch_size: int = 1000
+    optimizer: str = "sgd"
+    schedule: str = "step"
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -131,6 +150,8 @@ class TrainConfig:
     device: str = "auto"
     loss: str = "cross-entropy"
     eps_cert: float = 0.0
+    margin_bound: str = "auto"
+    margin_temperature: float = 1.0
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
@@ -163,7 +184,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 #: Keys whose change does not make a different run (a resume may change them).
-RESUMABLE_CHANGES = ("train.epochs", "train.device", "log.progress")
+RESUMABLE_CHANGES = ("train.epochs", "train.device", "log.progress", "train.adversarial.early_stop")
 
 
 def _unknown(what: str, key: str, valid: Iterable[str], where: str) -> RobustclipError:
@@ -234,6 +255,9 @@ def _check_losses(tc: TrainConfig, where: str) -> None:
     """The loss, the margin's radius and the [train.adversarial] table agree."""
     adv = tc.adversarial
     for key, value, valid in [("train.loss", tc.loss, LOSSES),
+                              ("train.margin_bound", tc.margin_bound, MARGIN_BOUNDS),
+                              ("train.optimizer", tc.optimizer, OPTIMIZERS),
+                              ("train.schedule", tc.schedule, SCHEDULES),
                               ("train.adversarial.attack", adv.attack, ATTACKS),
                               ("train.adversarial.loss", adv.loss, ADVERSARIAL_LOSSES),
                               ("train.adversarial.bn_mode", adv.bn_mode, BN_MODES)]:
@@ -242,6 +266,8 @@ def _check_losses(tc: TrainConfig, where: str) -> None:
     if tc.loss == "lipschitz-margin" and not tc.eps_cert > 0:
         raise RobustclipError(f"train.loss = 'lipschitz-margin' needs train.eps_cert > 0 "
                               f"(the L2 radius to certify){where}")
+    if not tc.margin_temperature > 0:
+        raise RobustclipError(f"train.margin_temperature must be > 0, got {tc.margin_temperature!r}{where}")
     if adv.attack == "none":
         return
     if tc.loss != "cross-entropy":

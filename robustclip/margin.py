@@ -8,9 +8,13 @@ radius eps_cert needs when L bounds the network's Lipschitz constant.
 ``robustclip.bounds`` walks it (products along a path, sums over residual branches,
 sqrt of the sum of squares over a cat), with these factors:
 
-* a spectral wrapper: its clip target c in *constant* mode; otherwise its tracked
-  sigma as a differentiable function of the weights, ||A v|| for the wrapper's current
-  top singular vector v (held fixed: a Rayleigh-quotient estimate, as Miyato et al.'s);
+* a spectral wrapper: its clip target c in *constant* mode; in *sound* mode
+  (``train.margin_bound = "sound"``) the guaranteed upper bound the certificate uses
+  (``robustclip.upper_bounds.differentiable_bound``: the exact sigma of a dense layer,
+  the FFT bound of a conv or conv + BN), differentiable in the weights; otherwise (*tracked*)
+  its tracked sigma as a differentiable function of the weights, ||A v|| for the
+  wrapper's current top singular vector v (held fixed: a Rayleigh-quotient estimate, as
+  Miyato et al.'s);
 * a BatchNorm that no wrapper holds: max |gamma| / sqrt(running_var + eps), its exact
   eval-mode norm (differentiable in gamma);
 * everything without trainable weights (the input normalisation, activations, pooling,
@@ -25,7 +29,11 @@ warns when a clipped layer is held at its target only at clip events (no
 such a layer's sigma grows (measured on lipnet, lr 0.01, clip events every 50 steps:
 sigma 3.9 for a conv clipped to 1), so the margin trains for an L several times too small.
 
-What L is worth.  L is never a certificate.  In constant mode it is a target: FastClip
+What L is worth.  L is never a certificate, though in sound mode it is the network
+bound :func:`robustclip.bounds.lipschitz_report` computes for the same weights, or a
+larger one (its per-layer factors are the same formulas, but for layers with small
+inputs, which the report bounds exactly, and BatchNorm in eval mode; float32 rounding
+aside).  In constant mode it is a target: FastClip
 enforces sigma <= c (1 + tol) at its clip events only (every clip_steps steps, after
 init_delay; a conv+BN composite and gouk rescale every step), and against PowerQR's
 estimate, which can lie below the true sigma (directions outside the tracked block rise
@@ -47,9 +55,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from robustclip.bounds import _ADDS, _Walker, _ValueProp, _dependent, trace
+from robustclip.bounds import _ADDS, _Walker, _ValueProp, _dependent, _shape, trace
 from robustclip.errors import RobustclipError
 from robustclip.spectral import _BATCHNORMS, _unwrap, eval_mode, linear_map
+from robustclip.upper_bounds import differentiable_bound
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +96,13 @@ class TrainingBound:
     """The network's L for the Lipschitz-margin loss (see the module doc).
 
     model: the (unwrapped-by-DDP) model with its spectral wrappers; input_shape: one
-    input, no batch dim.  Call it after the step's training forward (the wrappers'
-    vectors are then current): a float in constant mode, else a 0-dim tensor on the
-    model's device, differentiable in the weights.
+    input, no batch dim; sound: every wrapper's factor is its guaranteed upper bound
+    (sound mode), else its clip target or tracked estimate.  Call it after the step's
+    training forward (the wrappers' vectors are then current): a float in constant mode,
+    else a 0-dim tensor on the model's device, differentiable in the weights.
     """
 
-    def __init__(self, model: nn.Module, input_shape: Sequence[int]) -> None:
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], sound: bool = False) -> None:
         shape = tuple(int(s) for s in input_shape)
         like = next(iter(model.parameters()), torch.zeros(()))
         with eval_mode(model), torch.no_grad():
@@ -104,8 +114,9 @@ class TrainingBound:
                              exact_max_entries=2**22, seed=0, pairs={})
             self.program = [step for node in gm.graph.nodes
                             if (step := self._compile(gm, walker, dependent, node)) is not None]
-        self.wrappers = [p for op, _, _, p in self.program if op == "wrapper"]
-        self.constant = (all(w.clip is not None for w in self.wrappers)
+        self.wrappers = [p[0] for op, _, _, p in self.program if op == "wrapper"]
+        self.sound = sound
+        self.constant = (not sound and all(w.clip is not None for w in self.wrappers)
                          and not any(op == "bn" for op, *_ in self.program))
         self.value = self._evaluate() if self.constant else None
         drifting = [w.name for w in self.wrappers if not w.rescale_every_step] if self.constant else []
@@ -144,7 +155,7 @@ class TrainingBound:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if getattr(module, "is_spectral_wrapper", False):
-                return ("wrapper", node, deps[0], module)
+                return ("wrapper", node, deps[0], (module, _shape(deps[0])))
             if isinstance(_unwrap(module), _BATCHNORMS) and module.running_var is not None:
                 return ("bn", node, deps[0], _unwrap(module))
             if _trainable(module):
@@ -169,19 +180,37 @@ class TrainingBound:
             elif op == "cat":
                 L[node] = sum(L[a] ** 2 for a in inputs) ** 0.5
             elif op == "wrapper":
-                L[node] = (payload.clip if self.constant else _sigma(payload)) * L[inputs]
+                L[node] = self._factor(*payload) * L[inputs]
             elif op == "bn":
                 L[node] = _bn_norm(payload) * L[inputs]
             else:
                 L[node] = payload * L[inputs]
         raise RobustclipError("lipschitz-margin: the model has no output")
 
+    def _factor(self, wrapper: nn.Module, shape: tuple[int, ...]) -> Value:
+        if self.constant:
+            return wrapper.clip
+        if self.sound:
+            dtype = next(wrapper.module.parameters()).dtype
+            try:
+                return differentiable_bound(wrapper.module, shape).to(dtype)
+            except torch.linalg.LinAlgError as err:  # non-finite weights: the training diverged
+                raise RobustclipError(f"lipschitz-margin: no sound bound of {wrapper.name}: "
+                                      f"{str(err).splitlines()[0]}; the training diverged? "
+                                      f"lower train.lr") from None
+        return _sigma(wrapper)
+
     def __call__(self) -> Value:
         return self.value if self.constant else self._evaluate()
 
     def describe(self) -> str:
         """One line for the log: the mode, what L multiplies and what it is worth."""
-        if self.constant:
+        if self.sound:
+            text = (f"L = the differentiable product of {len(self.wrappers)} guaranteed per-layer "
+                    f"upper bounds (exact sigma of dense layers, FFT bounds of convs)"
+                    f"{f' and {bns} BatchNorm norms' if (bns := sum(op == 'bn' for op, *_ in self.program)) else ''} "
+                    f"and the fixed factors: the certificate's own bound")
+        elif self.constant:
             text = (f"L = {self.value:.4g}, constant: the clip targets of {len(self.wrappers)} "
                     f"clipped layers times the fixed factors (a target the clipping maintains "
                     f"at its clip events, not a guarantee)")

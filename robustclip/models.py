@@ -97,6 +97,31 @@ class MnistCNN(nn.Module):
         return self.fc(F.avg_pool2d(x, 2).flatten(1))
 
 
+class SmallCNN(nn.Module):
+    """The small ReLU network of Wong, Rice & Kolter 2020 ("Fast is better than free",
+    after Wong & Kolter 2018) for MNIST: conv 16 (4x4, stride 2, pad 1), conv 32 (4x4,
+    stride 2, pad 1), dense 100, dense classes, ReLU between, no BatchNorm.  The input is
+    centred (dataset mean), not divided by the std, as in :class:`LipNet` (Wong et al.
+    feed raw pixels; a bias absorbs the shift).  Input: (N, C, H, W), H and W multiples
+    of 4."""
+
+    def __init__(self, info: DatasetInfo, width: int = 16, hidden: int = 100) -> None:
+        super().__init__()
+        c, h, w = info.shape
+        if h % 4 or w % 4:
+            raise ValueError(f"the image sides must be multiples of 4, got {h}x{w}")
+        self.normalize = Normalize(info.mean, (1.0,) * c)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, width, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU())
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * (h // 4) * (w // 4), hidden), nn.ReLU(),
+            nn.Linear(hidden, info.num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
 class LipNet(nn.Module):
     """A Lipschitz-friendly MNIST network: 4 convs (3x3, stride 1: width, width, 2 width,
     2 width channels), each pair followed by a 2x2 pixel unshuffle (space to depth: an
@@ -230,6 +255,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "simpleconv": SimpleConv,
     "simpleconv-composite": lambda info, **kw: SimpleConv(info, composite=True, **kw),
     "mnist-cnn": MnistCNN,
+    "smallcnn": SmallCNN,
     "lipnet": LipNet,
     "lipnet-composite": lambda info, **kw: LipNet(info, batchnorm=True, **kw),
     "resnet18": ResNet18,

@@ -11,7 +11,9 @@
   step (and clip event) per optimiser step as in any run; BatchNorm's batch and running
   statistics are then those of the 2N images (TRADES' reference code runs two forwards);
 * ``train.loss = "lipschitz-margin"`` (robustclip.margin): the cross-entropy of the
-  logits with sqrt(2) * L * eps_cert added to every logit but the true one.
+  logits with sqrt(2) * L * eps_cert added to every logit but the true one, times
+  ``train.margin_temperature`` (Béthune et al. 2022: a Lipschitz network's logits span
+  a bounded range, and a plain cross-entropy keeps pushing margins it cannot afford).
 
 The random starts are drawn from a generator on the training device seeded by
 (train.seed, global step), for the whole global batch (a rank takes its rows): they are
@@ -29,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustclip.adversarial import craft, passive, step_ratio, uniform_noise
+from robustclip.adversarial import N_FGSM_NOISE, craft, passive, step_ratio, uniform_noise
 from robustclip.config import Config
 from robustclip.distributed import Context
 from robustclip.margin import TrainingBound, margin_logits
@@ -52,14 +54,17 @@ class Objective:
                  input_shape: Sequence[int], steps_per_epoch: int) -> None:
         tc = config.train
         self.net, self.model, self.seed = net, model, tc.seed
-        self.adv, self.eps_cert = tc.adversarial, tc.eps_cert
-        self.bound = TrainingBound(model, input_shape) if tc.loss == "lipschitz-margin" else None
+        self.adv, self.eps_cert, self.temperature = tc.adversarial, tc.eps_cert, tc.margin_temperature
+        self.bound = (TrainingBound(model, input_shape, sound=tc.margin_bound == "sound")
+                      if tc.loss == "lipschitz-margin" else None)
         if self.bound is not None:
             log.info("lipschitz-margin loss, eps_cert %g: %s", tc.eps_cert, self.bound.describe())
         self.adversarial = self.adv.attack != "none"
         if self.adversarial:
             self.generator = torch.Generator(device=ctx.device)
-            self.steps = 1 if self.adv.attack == "fgsm-rs" else self.adv.steps
+            self.steps = self.adv.steps if self.adv.attack == "pgd" else 1
+            nfgsm = self.adv.attack == "n-fgsm"
+            self.noise_scale, self.project = (N_FGSM_NOISE, False) if nfgsm else (1.0, True)
             self.step_ratio = step_ratio(self.adv.attack, self.adv.steps, self.adv.step_size, self.adv.eps)
             self.warmup_steps = self.adv.warmup_epochs * steps_per_epoch
             log.info("adversarial training: %s (%d step(s) of %g eps) at eps %g%s, %s loss, "
@@ -81,8 +86,8 @@ class Objective:
         logits = self.net(x)
         if self.bound is None:
             return logits, F.cross_entropy(logits, y, reduction="none")
-        return logits, F.cross_entropy(margin_logits(logits, y, self.bound(), self.eps_cert), y,
-                                       reduction="none")
+        shifted = margin_logits(logits, y, self.bound(), self.eps_cert)
+        return logits, F.cross_entropy(self.temperature * shifted, y, reduction="none")
 
     def _adversarial(self, x: Tensor, y: Tensor, rows: slice, total: int,
                      step: int) -> tuple[Tensor, Tensor]:
@@ -96,7 +101,8 @@ class Objective:
                 with torch.no_grad():
                     clean_probs = F.softmax(self.model(x), 1)
             x_adv = craft(self.model, x, y, noise, eps=eps, step_size=self.step_ratio * eps,
-                          steps=self.steps, clean_probs=clean_probs)
+                          steps=self.steps, clean_probs=clean_probs,
+                          noise_scale=self.noise_scale, project=self.project)
         if not trades:
             logits = self.net(x_adv)
             return logits, F.cross_entropy(logits, y, reduction="none")

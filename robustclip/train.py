@@ -1,4 +1,4 @@
-"""Training runs: SGD + StepLR on a config, with metrics, TensorBoard, checkpoints, resume.
+"""Training runs: SGD or Adam, a step or cyclic schedule, on a config, with metrics, TensorBoard, checkpoints, resume.
 
 A run directory holds:
 
@@ -11,7 +11,7 @@ A run directory holds:
   accuracy on held-out test samples), catastrophic_overfitting (1 when PGD accuracy fell
   or trails FGSM-RS's far behind, see robustclip.adversarial.OverfittingMonitor) and
   adv_eps (the eps of the epoch's last step), ``sigma/<layer>`` (each tracked layer's
-  top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (used in that epoch),
+  top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (at the epoch's first step),
   wall_time (seconds the epoch took, training and testing);
 - TensorBoard events: the same scalars at the global training step, plus each layer's
   singular-value trace every ``log.log_every`` steps, and the flattened config as hparams
@@ -61,7 +61,8 @@ from tqdm import tqdm
 from robustclip.adversarial import OverfittingMonitor, step_ratio
 from robustclip.checkpoint import (load_state, model_from_checkpoint, predates_tracking,
                                    read_checkpoint, save_checkpoint)
-from robustclip.config import Config, differences, from_dict, load_config, override, to_dict, to_toml
+from robustclip.config import (Config, TrainConfig, differences, from_dict, load_config, override, to_dict,
+                              to_toml)
 from robustclip.data import SYNTHETIC_SIZES, load, synthetic_splits
 from robustclip.distributed import (Context, all_reduce_sum, check_world, data_parallel, epoch_batches,
                                     launch, on_main, part, sync_after_step)
@@ -124,11 +125,13 @@ def _run_epoch(model: nn.Module, shares: Iterator[Share], steps: int, ctx: Conte
                optimizer: torch.optim.Optimizer | None = None,
                transform: Callable[[Tensor, slice, int], Tensor] | None = None,
                desc: str = "", progress: bool = True, objective: Objective | None = None,
-               first_step: int = 0) -> tuple[float, float, int]:
+               first_step: int = 0, after_step: Callable[[], None] | None = None
+               ) -> tuple[float, float, int]:
     """One pass over ``steps`` shares: training when ``optimizer`` is given, else evaluation.
 
     Training minimises ``objective`` (robustclip.objectives; its step numbers start at
-    ``first_step``), evaluation measures the cross-entropy of ``model``.  Training
+    ``first_step``; ``after_step`` is called after each optimiser step: a per-step
+    learning-rate schedule), evaluation measures the cross-entropy of ``model``.  Training
     weights each rank's summed loss by world size / global batch size, so the
     gradient that DDP averages over the ranks is the mean over the global batch; after
     each step the ranks take rank 0's spectral state (robustclip.distributed).  Returns
@@ -152,6 +155,8 @@ def _run_epoch(model: nn.Module, shares: Iterator[Share], steps: int, ctx: Conte
                 (losses.sum() * ctx.world_size / total).backward()
                 optimizer.step()
                 sync_after_step(model, ctx)
+                if after_step is not None:
+                    after_step()
             else:
                 logits = model(x)
                 losses = F.cross_entropy(logits, y, reduction="none")
@@ -239,6 +244,9 @@ def _resume_checkpoint(out: Path, config: Config) -> dict[str, Any]:
     if diff:
         raise RobustclipError(f"cannot resume {out} with a different config: "
                               f"{'; '.join(diff)} (run's vs given)")
+    if config.train.schedule == "cyclic" and saved.train.epochs != config.train.epochs:
+        raise RobustclipError(f"cannot resume {out} with train.epochs = {config.train.epochs}: its "
+                              f"cyclic schedule spans the run's {saved.train.epochs} epochs")
     toml = out / "config.toml"
     if toml.exists():
         try:
@@ -337,6 +345,31 @@ def _train(config: Config, out: Path, resume: bool, overwrite: bool,
         return _fit(config, out, model, ckpt, train_set, test_set, ctx)
 
 
+def _optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum or Adam, as ``train.optimizer`` says."""
+    if tc.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum,
+                           weight_decay=tc.weight_decay)
+
+
+def cyclic_factor(step: int, total_steps: int, peak: float = 0.4) -> float:
+    """The cyclic schedule's lr / train.lr at the 0-based ``step`` of ``total_steps``: a
+    triangle from 0 up to 1 at ``peak`` of the run and back to 0 at its end (Wong et al.
+    2020 evaluate it after the step's fraction of an epoch, hence ``step + 1``)."""
+    t, top = (step + 1) / total_steps, peak
+    return max(0.0, t / top if t <= top else (1 - t) / (1 - top))
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig,
+               steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """StepLR, stepped each epoch, or the cyclic schedule, stepped each optimiser step."""
+    if tc.schedule == "cyclic":
+        total = tc.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cyclic_factor(step, total))
+    return torch.optim.lr_scheduler.StepLR(optimizer, tc.step_size, tc.gamma)
+
+
 def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | None,
          train_set: TensorDataset, test_set: TensorDataset, ctx: Context) -> Path:
     """The epochs of the run (from ``ckpt`` when resuming) in the prepared, locked ``out``.
@@ -344,9 +377,10 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
     Each epoch saves ``best.pt`` (if improved), then ``last.pt``, then ``metrics.csv``: a
     failed save leaves metrics.csv without the row, never a row that no checkpoint holds."""
     tc, dev = config.train, ctx.device
-    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum,
-                                weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, tc.step_size, tc.gamma)
+    steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
+    optimizer = _optimizer(model, tc)
+    scheduler = _scheduler(optimizer, tc, steps_per_epoch)
+    per_step = scheduler.step if tc.schedule == "cyclic" else None
     crop = torch.Generator().manual_seed(tc.seed + 1)
     history: list[dict[str, Any]] = []
     global_step = 0
@@ -363,7 +397,7 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
     test_batches = torch.arange(len(test_set))[part(len(test_set), ctx)].split(tc.eval_batch_size)
     transform = (lambda x, share, total: augment(x, crop, share, total)) if config.data.augment else None
     objective = Objective(config, net, model, ctx, tuple(train_set.tensors[0].shape[1:]),
-                          math.ceil(len(train_set) / tc.batch_size))
+                          steps_per_epoch)
     monitor = _monitor(config, test_set, ctx)
     writer = None
     if config.log.tensorboard and ctx.main:
@@ -387,9 +421,10 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
             batches = epoch_batches(len(train_set), tc.batch_size, tc.seed, epoch, ctx.world_size)
             train_loss, train_acc, steps = _run_epoch(
                 net, _shares(train_set, batches, ctx, pin), len(batches), ctx, optimizer, transform,
-                f"epoch {epoch}", config.log.progress, objective, global_step)
+                f"epoch {epoch}", config.log.progress, objective, global_step, per_step)
             global_step += steps
-            scheduler.step()
+            if per_step is None:
+                scheduler.step()
             test_loss, test_acc, _ = _run_epoch(
                 model, _shares(test_set, test_batches, None, pin), len(test_batches), ctx,
                 desc="test", progress=config.log.progress)
@@ -397,6 +432,13 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
                    "test_loss": test_loss, "test_acc": test_acc,
                    **_robustness(monitor, objective, model, epoch, global_step, history),
                    **_sigmas(model), "lr": lr, "wall_time": time.perf_counter() - start}
+            if _stops_early(config, row, objective, global_step):
+                log.warning("epoch %d: catastrophic overfitting at the full eps, and "
+                            "train.adversarial.early_stop is on: training stops, this epoch is not "
+                            "saved, %s (Wong et al. 2020's early stopping)", epoch,
+                            f"the run ends with epoch {epoch - 1}'s model in last.pt" if history
+                            else "and no epoch is kept")
+                break
             history.append(row)
             improved, best = test_acc > best, max(best, test_acc)
             if not ctx.main:
@@ -436,12 +478,20 @@ def _monitor(config: Config, test_set: TensorDataset, ctx: Context) -> Overfitti
     adv = config.train.adversarial
     if adv.attack == "none" or adv.monitor_samples == 0:
         return None
-    x, y = (t[: adv.monitor_samples] for t in test_set.tensors)
+    x, y = (t[-adv.monitor_samples:] for t in test_set.tensors)  # clear of `attack --limit N`
     seed = zlib.crc32(f"monitor/{config.train.seed}".encode())
-    # FGSM-RS at the training attack's step (the default step when training with PGD)
+    # FGSM-RS at the training attack's step (its default step when training with PGD or N-FGSM)
     fgsm_step = step_ratio("fgsm-rs", 1, adv.step_size if adv.attack == "fgsm-rs" else 0.0, adv.eps)
     return OverfittingMonitor(x, y, adv.eps, adv.monitor_steps, adv.overfit_drop, seed, ctx,
                               adv.overfit_gap, fgsm_step)
+
+
+def _stops_early(config: Config, row: dict[str, Any], objective: Objective, steps: int) -> bool:
+    """Whether ``row``'s epoch (ending after ``steps`` steps) ends an early-stopping run:
+    flagged as catastrophic overfitting once eps is at its full value (after warm-up)."""
+    adv = config.train.adversarial
+    return (adv.early_stop and bool(row.get("catastrophic_overfitting"))
+            and objective.eps(steps - 1) >= adv.eps)
 
 
 def _robustness(monitor: OverfittingMonitor | None, objective: Objective, model: nn.Module,

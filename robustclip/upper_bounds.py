@@ -38,11 +38,13 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustclip.errors import RobustclipError
 from robustclip.models import Normalize
 from robustclip.spectral import _BATCHNORMS, _CONVS, _unwrap, float64_twin, gram_matrix
 
@@ -169,33 +171,41 @@ def conv_upper_bound(conv: nn.Module, input_shape: Sequence[int],
     groups' blocks.  Returns kind "exact" (circular, stride 1, output grid = input grid)
     or "upper" (value times 1 + SAFETY).
     """
-    dims = conv.weight.dim() - 2
-    n = tuple(int(s) for s in input_shape[1:])
+    grid, factor, exact, how = _conv_geometry(conv, input_shape)
+    with torch.no_grad():
+        w = _scaled_kernel(conv.weight.detach().double(), scale)
+        sigma = circular_conv_norm(w, grid, conv.dilation, conv.groups) * factor
+    if exact:
+        return UpperBound(sigma, "exact", how)
+    return UpperBound(sigma * (1 + SAFETY), "upper", how)
+
+
+def _scaled_kernel(weight: Tensor, scale: Tensor | None) -> Tensor:
+    """The kernel (c_out, ...) with output channel c times scale_c (a folded BatchNorm)."""
+    if scale is None:
+        return weight
+    return weight * scale.to(weight.dtype).reshape((-1,) + (1,) * (weight.dim() - 1))
+
+
+def _conv_geometry(conv: nn.Module, input_shape: Sequence[int]
+                   ) -> tuple[tuple[int, ...], float, bool, str]:
+    """(grid, factor, exact, how) of :func:`conv_upper_bound`'s argument: sigma <= factor
+    times the norm of the circular correlation on ``grid``, with equality when ``exact``."""
     kernel = tuple(conv.weight.shape[2:])
+    n = tuple(int(s) for s in input_shape[1:])
     dil, stride = tuple(conv.dilation), tuple(conv.stride)
     pads = _padding(conv.padding, kernel, dil)
     out = tuple((ni + l + r - d * (k - 1) - 1) // s + 1
                 for ni, (l, r), d, k, s in zip(n, pads, dil, kernel, stride))
-    with torch.no_grad():
-        w = conv.weight.detach().double()
-        if scale is not None:
-            w = w * scale.reshape((-1,) + (1,) * (dims + 1))
-        if conv.padding_mode == "circular":
-            grid = n
-            repeats = math.prod(max(_counts(torch.arange(o) * s - l, ni))
-                                for o, s, (l, _), ni in zip(out, stride, pads, n))
-            factor = math.sqrt(repeats)
-            exact = all(s == 1 for s in stride) and out == n
-            how = f"FFT on the input grid {n}, row repeats {repeats}"
-        else:
-            grid = tuple(ni + l + r for ni, (l, r) in zip(n, pads))
-            copies = _pad_copies(n, pads, conv.padding_mode)
-            factor, exact = math.sqrt(copies), False
-            how = f"FFT on the padded grid {grid}, {conv.padding_mode} padding copies {copies}"
-        sigma = circular_conv_norm(w, grid, dil, conv.groups) * factor
-    if exact:
-        return UpperBound(sigma, "exact", how)
-    return UpperBound(sigma * (1 + SAFETY), "upper", how)
+    if conv.padding_mode == "circular":
+        repeats = math.prod(max(_counts(torch.arange(o) * s - l, ni))
+                            for o, s, (l, _), ni in zip(out, stride, pads, n))
+        exact = all(s == 1 for s in stride) and out == n
+        return n, math.sqrt(repeats), exact, f"FFT on the input grid {n}, row repeats {repeats}"
+    grid = tuple(ni + l + r for ni, (l, r) in zip(n, pads))
+    copies = _pad_copies(n, pads, conv.padding_mode)
+    return (grid, math.sqrt(copies), False,
+            f"FFT on the padded grid {grid}, {conv.padding_mode} padding copies {copies}")
 
 
 def _padding(padding: str | Sequence[int], kernel: Sequence[int],
@@ -237,23 +247,86 @@ def circular_conv_norm(weight: Tensor, grid: Sequence[int], dilation: Sequence[i
     groups) block of the kernel DFT (Sedghi et al. 2019; a real kernel's spectrum at -f
     is the conjugate of that at f, so the half spectrum of ``rfftn`` suffices).
     """
-    w = weight.detach().to(torch.float64)
+    per_freq, _ = _kernel_spectrum(weight.detach().to(torch.float64), grid, dilation, groups)
+    return max(float(torch.linalg.matrix_norm(chunk, ord=2).max())
+               for chunk in per_freq.split(_SVD_BATCH))
+
+
+def _tap_cells(kernel: Sequence[int], grid: Sequence[int], dilation: Sequence[int],
+               device: torch.device) -> Tensor:
+    """(K,) row-major flat index on ``grid`` of each kernel tap, dilated, modulo the grid."""
+    axes = [torch.arange(k, device=device) * d % g for k, d, g in zip(kernel, dilation, grid)]
+    cells = torch.zeros((), dtype=torch.long, device=device)
+    for axis, g in zip(axes, grid):
+        cells = (cells * g).unsqueeze(-1) + axis
+    return cells.flatten()
+
+
+def _kernel_spectrum(w: Tensor, grid: Sequence[int], dilation: Sequence[int],
+                     groups: int) -> tuple[Tensor, tuple[int, ...]]:
+    """(per_freq, spectrum_shape): the (c_out / groups) x (c_in / groups) kernel DFT
+    matrices of every (half-spectrum frequency, group), frequency-major, shape (F *
+    groups, c_out / groups, c_in / groups), and the rfftn grid they come from."""
     c_out, c_in, *k = w.shape
     grid = tuple(int(g) for g in grid)
-    axes = [torch.arange(kk, device=w.device) * d % g for kk, d, g in zip(k, dilation, grid)]
-    cells = torch.zeros((), dtype=torch.long, device=w.device)
-    for axis, g in zip(axes, grid):  # row-major flat index of every tap on the grid
-        cells = (cells * g).unsqueeze(-1) + axis
     blocks = w.reshape(groups, c_out // groups, c_in, -1)
-    embedded = torch.zeros(*blocks.shape[:3], math.prod(grid), dtype=torch.float64,
-                           device=w.device)
-    embedded.index_add_(3, cells.flatten(), blocks)
+    embedded = torch.zeros(*blocks.shape[:3], math.prod(grid), dtype=w.dtype, device=w.device)
+    embedded.index_add_(3, _tap_cells(k, grid, dilation, w.device), blocks)
     spectrum = torch.fft.rfftn(embedded.reshape(*blocks.shape[:3], *grid),
                                dim=tuple(range(3, 3 + len(grid))))
     per_freq = spectrum.flatten(3).permute(3, 0, 1, 2).reshape(-1, c_out // groups, c_in)
-    top = max(float(torch.linalg.matrix_norm(chunk, ord=2).max())
-              for chunk in per_freq.split(_SVD_BATCH))
-    return top
+    return per_freq, tuple(spectrum.shape[3:])
+
+
+def differentiable_bound(module: nn.Module, input_shape: Sequence[int]) -> Tensor:
+    """The bound :func:`operator_upper_bound` gives a Linear, a conv or a conv + eval-mode
+    BatchNorm (without the rounding SAFETY), as a 0-dim float64 tensor differentiable in
+    the weights (and the BatchNorm's gamma), for training against the certificate's bound.
+
+    The top singular pair (u, v) of the matrix whose norm is the bound is found without
+    gradient (a dense layer's from the top eigenvector of its smaller Gram matrix); the value is then Re(u^H M v), equal to that norm, and its gradient is that
+    of sigma_1 (u v^H pulled back to the weights): Linear, M = W; conv, M = the kernel DFT
+    matrix of the frequency (and group) with the largest norm, times the padding factor
+    of :func:`conv_upper_bound`.  Raises RobustclipError for any other module.
+    """
+    inner = _unwrap(module)
+    layers = [_unwrap(m) for m in inner] if isinstance(inner, nn.Sequential) else [inner]
+    scale = None
+    if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
+        bn = layers[1]
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        scale = scale if bn.weight is None else scale * bn.weight.double()
+        layers = layers[:1]
+    if len(layers) == 1 and isinstance(layers[0], nn.Linear):
+        w = layers[0].weight.double()
+        with torch.no_grad():  # the top eigenvector of the smaller Gram matrix, the other side
+            wide = w.shape[0] <= w.shape[1]
+            m = w if wide else w.T
+            u = torch.linalg.eigh(m @ m.T)[1][:, -1]
+            v = m.T @ u
+            v = v / v.norm()
+        return u @ w @ v if wide else v @ w @ u
+    if len(layers) != 1 or not isinstance(layers[0], _CONVS):
+        raise RobustclipError(f"no differentiable bound for {type(inner).__name__}: only Linear, "
+                              f"conv and conv + BatchNorm layers have one")
+    conv = layers[0]
+    grid, factor, _, _ = _conv_geometry(conv, input_shape)
+    w = _scaled_kernel(conv.weight.double(), scale)
+    groups, (c_out, c_in, *k) = conv.groups, w.shape
+    with torch.no_grad():
+        per_freq, rshape = _kernel_spectrum(w.detach(), grid, conv.dilation, groups)
+        norms = torch.cat([torch.linalg.matrix_norm(c, ord=2) for c in per_freq.split(_SVD_BATCH)])
+        top = int(norms.argmax())
+        u, _, vh = torch.linalg.svd(per_freq[top])
+        freq = torch.tensor(list(np.unravel_index(top // groups, rshape)), dtype=torch.float64,
+                            device=w.device)
+        cells = _tap_cells(k, grid, conv.dilation, w.device)
+        position = torch.stack(torch.unravel_index(cells, tuple(int(g) for g in grid)), 1)
+        phase = torch.exp(-2j * math.pi * (position.double() / torch.tensor(
+            grid, dtype=torch.float64, device=w.device) * freq).sum(1))
+    block = w.reshape(groups, c_out // groups, c_in, -1)[top % groups]
+    matrix = block.to(phase.dtype) @ phase  # (c_out / groups, c_in / groups) at that frequency
+    return (u[:, 0].conj() @ matrix @ vh[0].conj()).real * factor
 
 
 def nonnegative_upper_bound(module: nn.Module, input_shape: Sequence[int]) -> UpperBound:

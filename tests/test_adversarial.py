@@ -14,14 +14,14 @@ import torchattacks
 from click.testing import CliRunner
 
 from robustclip.adversarial import OverfittingMonitor, craft, passive, uniform_noise
-from robustclip.checkpoint import load
+from robustclip.checkpoint import load, read_checkpoint
 from robustclip.cli import main
 from robustclip.config import Config, override, to_toml
 from robustclip.data import synthetic_splits
 from robustclip.distributed import Context
 from robustclip.errors import RobustclipError
 from robustclip.models import build_model, wrappers
-from robustclip.train import train
+from robustclip.train import _monitor, train
 
 TINY = [
     "data.synthetic=true", "train.limit_train=256", "train.limit_test=128", "train.batch_size=32",
@@ -73,6 +73,22 @@ def test_fgsm_rs_and_pgd_are_torchattacks_ffgsm_and_pgd(steps, reference):
     assert (ours - theirs).abs().max() < 1e-6
     assert (ours - x).abs().max() <= eps + 1e-6 and ours.min() >= 0 and ours.max() <= 1
     assert (ours - x).abs().max() > eps / 2  # it moved
+
+
+def test_n_fgsm_is_torchattacks_fgsm_from_its_noisy_start():
+    """N-FGSM: from the start x + 2 eps noise (clipped to [0, 1]), one signed step of eps
+    with no projection onto the eps ball is torchattacks' FGSM of eps at that start; the
+    perturbation reaches beyond eps (up to 3 eps) and stays in [0, 1]."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    x, y, eps = torch.rand(50, 1, 8, 8), torch.randint(0, 5, (50,)), 0.25
+    noise = torch.rand_like(x) * 2 - 1
+    ours = craft(model, x, y, noise, eps=eps, step_size=eps, steps=1, noise_scale=2.0, project=False)
+    start = (x + 2 * eps * noise).clamp(0, 1)
+    theirs = torchattacks.FGSM(model, eps=eps)(start, y)
+    assert (ours - theirs).abs().max() < 1e-6
+    assert ours.min() >= 0 and ours.max() <= 1
+    assert eps * 1.5 < (ours - x).abs().max() <= 3 * eps + 1e-6
 
 
 def test_noise_of_a_share_is_that_of_the_whole_batch():
@@ -127,6 +143,11 @@ def test_bn_mode_train_uses_batch_statistics_without_updating_them():
 @pytest.mark.parametrize("assignment, message", [
     ("train.adversarial.attak=pgd", r"unknown key 'train.adversarial.attak'.*did you mean 'attack'"),
     ("train.adversarial.attack=pgdd", r"unknown value 'pgdd' for train.adversarial.attack.*did you mean 'pgd'"),
+    ("train.adversarial.attack=nfgsm", r"unknown value 'nfgsm' for train.adversarial.attack.*'n-fgsm'"),
+    ("train.optimizer=adamw", r"unknown value 'adamw' for train.optimizer.*did you mean 'adam'"),
+    ("train.schedule=cosine", r"unknown value 'cosine' for train.schedule.*valid: step, cyclic"),
+    ("train.margin_bound=exact", r"unknown value 'exact' for train.margin_bound.*valid: auto, sound"),
+    ("train.margin_temperature=0", r"train.margin_temperature must be > 0"),
     ("train.adversarial.loss=trade", r"unknown value 'trade' for train.adversarial.loss.*'trades'"),
     ("train.adversarial.bn_mode=training", r"unknown value 'training' for train.adversarial.bn_mode"),
     ("train.adversarial.eps=1.5", r"train.adversarial.eps must be in \(0, 1\]"),
@@ -160,14 +181,15 @@ def test_adversarial_and_margin_losses_do_not_combine(tmp_path):
 
 # ---------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("method", ["none", "fastclip-composite"])
-def test_adversarial_training_raises_pgd_accuracy(tmp_path, method):
-    """FGSM-RS training at eps 0.1 against the same run without it: torchattacks' PGD-10
-    at eps 0.1 breaks the normally trained model (measured: ~0.02-0.09 robust accuracy)
-    and not the adversarially trained one (~0.55)."""
+@pytest.mark.parametrize("method, attack", [("none", "fgsm-rs"), ("fastclip-composite", "fgsm-rs"),
+                                            ("none", "n-fgsm")])
+def test_adversarial_training_raises_pgd_accuracy(tmp_path, method, attack):
+    """FGSM-RS (N-FGSM) training at eps 0.1 against the same run without it: torchattacks'
+    PGD-10 at eps 0.1 breaks the normally trained model (measured: ~0.02-0.09 robust
+    accuracy) and not the adversarially trained one (~0.55)."""
     plain = train(tiny(method, "train.epochs=6"), tmp_path / "plain")
-    robust = train(tiny(method, "train.epochs=6", *FGSM, "train.adversarial.monitor_samples=0"),
-                   tmp_path / "robust")
+    robust = train(tiny(method, "train.epochs=6", *FGSM, f"train.adversarial.attack={attack}",
+                        "train.adversarial.monitor_samples=0"), tmp_path / "robust")
     assert "pgd_acc" not in rows(robust)[0] and float(rows(robust)[-1]["adv_eps"]) == 0.1
     assert _pgd_accuracy(robust, 0.1) > _pgd_accuracy(plain, 0.1) + 0.3
 
@@ -195,6 +217,30 @@ def test_catastrophic_overfitting_is_flagged(tmp_path, caplog):
     assert float(table[1]["pgd_acc"]) > float(table[2]["pgd_acc"]) + 0.2
     assert "epoch 2: PGD-10 accuracy at eps 0.1 on 64 held-out test samples fell" in caplog.text
     assert "catastrophic overfitting" in caplog.text
+
+
+def test_early_stop_ends_the_run_at_catastrophic_overfitting_keeping_the_epoch_before(tmp_path, caplog):
+    """The collapse above with train.adversarial.early_stop: epoch 2 is flagged, not
+    saved, and the run ends with epoch 1's model; during the warm-up nothing stops it."""
+    config = tiny("none", "train.epochs=3", "train.step_size=2", "train.gamma=100", *FGSM,
+                  "train.adversarial.monitor_samples=64", "train.adversarial.early_stop=true")
+    with caplog.at_level("WARNING", logger="robustclip.train"):
+        run = train(config, tmp_path / "run")
+    assert [r["epoch"] for r in rows(run)] == ["0", "1"]
+    assert read_checkpoint(run)["epoch"] == 1
+    assert "epoch 2: catastrophic overfitting at the full eps" in caplog.text
+    assert "the run ends with epoch 1's model in last.pt" in caplog.text
+    warm = train(override(config, ["train.adversarial.warmup_epochs=4"]), tmp_path / "warm")
+    assert len(rows(warm)) == 3  # eps never reached its full value: no stop
+
+
+def test_monitor_attacks_the_last_test_samples(tmp_path):
+    """The monitor's held-out samples are the test split's last ones, clear of the first N
+    an evaluation with --limit N takes."""
+    config = tiny("none", *FGSM, "train.adversarial.monitor_samples=16")
+    test = synthetic_splits("mnist", 256, 128, 1)[1]
+    monitor = _monitor(config, test, Context())
+    assert torch.equal(monitor.x, test.tensors[0][-16:]) and torch.equal(monitor.y, test.tensors[1][-16:])
 
 
 def _acc(pgd: float, fgsm: float | None = None) -> dict[str, float]:

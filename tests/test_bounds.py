@@ -27,7 +27,8 @@ from robustclip.spectral import (
     gram_matrix,
     spectral_estimate,
 )
-from robustclip.upper_bounds import circular_conv_norm, operator_upper_bound
+from robustclip.upper_bounds import (SAFETY, circular_conv_norm, differentiable_bound,
+                                     operator_upper_bound)
 from robustclip.models import Normalize as InputNormalize
 from helpers import Offset
 
@@ -308,6 +309,57 @@ def test_conv_upper_bound_is_never_below_the_exact_sigma(dims, mode, stride, var
         assert upper.kind == "upper"
 
 
+def _bound_value(module: nn.Module, shape: tuple[int, ...]) -> float:
+    """operator_upper_bound's value without its rounding margin."""
+    upper = operator_upper_bound(module, shape)
+    return upper.value / (1 + SAFETY) if upper.kind == "upper" else upper.value
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["conv", "conv+bn"])
+@pytest.mark.parametrize("variant", sorted(CONV_VARIANTS))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_differentiable_bound_is_the_upper_bound_with_its_gradient(dims, mode, stride, variant, bn):
+    """The bound the sound margin trains with: operator_upper_bound's value (without its
+    rounding margin), and a gradient equal to central differences of that value (a
+    separate, gradient-free computation) in the weights and gamma."""
+    model = _random_conv(dims, mode, stride, variant, bn, seed=3 * dims + stride).double()
+    shape = (2, 11) if dims == 1 else (2, 7, 9)
+    value = differentiable_bound(model, shape)
+    assert float(value.detach()) == pytest.approx(_bound_value(model, shape), rel=1e-12)
+    params = [p for p in model.parameters() if p.dim() > 1 or bn]  # kernel; gamma and beta
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    g = torch.Generator().manual_seed(5)
+    for p, grad in zip(params, grads):
+        grad = torch.zeros_like(p) if grad is None else grad  # BN's shift: no gradient
+        for _ in range(4):
+            i = tuple(int(torch.randint(0, n, (), generator=g)) for n in p.shape)
+            with torch.no_grad():
+                p[i] += 1e-6
+                up = _bound_value(model, shape)
+                p[i] -= 2e-6
+                down = _bound_value(model, shape)
+                p[i] += 1e-6
+            assert float(grad[i]) == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (12, 5)], ids=["wide", "tall"])
+def test_differentiable_bound_of_a_dense_layer_is_its_sigma_with_gradient_u_v(shape):
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0]).double()
+    value = differentiable_bound(layer, (shape[1],))
+    (grad,) = torch.autograd.grad(value, layer.weight)
+    u, s, vh = torch.linalg.svd(layer.weight.detach())
+    assert float(value.detach()) == pytest.approx(float(s[0]), rel=1e-13)
+    assert torch.allclose(grad, torch.outer(u[:, 0], vh[0]), atol=1e-10)
+
+
+def test_differentiable_bound_refuses_other_layers():
+    with pytest.raises(RobustclipError, match="no differentiable bound for AvgPool2d"):
+        differentiable_bound(nn.AvgPool2d(2), (1, 4, 4))
+
+
 @pytest.mark.parametrize("kernel, dilation, limit", [(3, 1, 1.05), (5, 1, 1.05), (3, 2, 1.1)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_zero_padding_bound_is_tight_on_a_large_input(kernel, dilation, limit, seed):
@@ -513,3 +565,18 @@ def test_lipnet_bound_holds_against_its_exact_jacobian():
     unshuffle = nn.PixelUnshuffle(2).double()
     assert lipschitz_report(nn.Sequential(unshuffle), (2, 4, 4))[0] == 1.0
     assert _jacobian_norm(unshuffle, torch.rand(2, 4, 4, dtype=torch.float64)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_smallcnn_bound_holds_against_its_exact_jacobian():
+    """smallcnn (ReLU, strided 4x4 convs) with fastclip: a guaranteed bound, the product of
+    its layers' rows (centring is an isometry), at least the exact Jacobian norm."""
+    torch.manual_seed(0)
+    model = models.build_model("smallcnn", "mnist", "fastclip", width=2, hidden=6).eval()
+    bound, rows = lipschitz_report(model, (1, 28, 28))
+    assert rows.attrs["bound_kind"] == "upper" and len(rows) == 5  # normalise + 4 layers
+    assert bound == pytest.approx(math.prod(rows["sigma_upper"]), rel=1e-12)
+    twin = float64_twin(model)
+    g = torch.Generator().manual_seed(1)
+    norms = [_jacobian_norm(twin, torch.rand(1, 28, 28, generator=g, dtype=torch.float64))
+             for _ in range(3)]
+    assert 0 < max(norms) <= bound

@@ -15,9 +15,11 @@ from helpers import host_syncs
 
 SMALL = {"simpleconv": {"channels": 4}, "simpleconv-composite": {"channels": 4},
          "mnist-cnn": {"width": 4}, "resnet18": {"width": 4}, "dla": {"width": 2},
-         "lipnet": {"width": 2, "hidden": 8}, "lipnet-composite": {"width": 2, "hidden": 8}}
+         "lipnet": {"width": 2, "hidden": 8}, "lipnet-composite": {"width": 2, "hidden": 8},
+         "smallcnn": {"width": 2, "hidden": 8}}
 DATASET = {"simpleconv": "mnist", "simpleconv-composite": "mnist", "mnist-cnn": "mnist",
-           "resnet18": "cifar10", "dla": "cifar10", "lipnet": "mnist", "lipnet-composite": "mnist"}
+           "resnet18": "cifar10", "dla": "cifar10", "lipnet": "mnist", "lipnet-composite": "mnist",
+           "smallcnn": "mnist"}
 
 
 
@@ -28,7 +30,7 @@ def _unwrapped_paths(name: str) -> set[str]:
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", METHODS)
 def test_every_model_and_method_builds_and_runs(name, method):
-    if method == "fastclip-composite" and name in ("simpleconv", "lipnet"):
+    if method == "fastclip-composite" and name in ("simpleconv", "lipnet", "smallcnn"):
         pytest.skip(f"{name} has no composite (tested below)")
     model = build_model(name, DATASET[name], method, {"clip": 1.0}, **SMALL[name])
     shape = (1, 28, 28) if DATASET[name] == "mnist" else (3, 32, 32)

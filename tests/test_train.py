@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,7 +27,7 @@ from robustclip.files import tomllib
 from robustclip.data import synthetic
 from robustclip.errors import RobustclipError
 from robustclip.models import METHODS, TRACKING_ONLY, wrappers
-from robustclip.train import augment, train
+from robustclip.train import augment, cyclic_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -123,10 +124,14 @@ ADVERSARIAL = ["train.adversarial.attack=fgsm-rs", "train.adversarial.eps=0.1",
                "train.adversarial.warmup_epochs=4", "train.adversarial.monitor_samples=16"]
 
 
-@pytest.mark.parametrize("extra", [[], ADVERSARIAL], ids=["plain", "adversarial"])
+ADAM_CYCLIC = ["train.optimizer=adam", "train.schedule=cyclic", "train.lr=0.01"]
+
+
+@pytest.mark.parametrize("extra", [[], ADVERSARIAL, ADAM_CYCLIC], ids=["plain", "adversarial", "adam-cyclic"])
 def test_resume_after_sigkill_is_exact(tmp_path, extra):
     """Kill a run mid-training, resume it: same weights, optimiser and metrics, bit for bit
-    (with FGSM-RS training too: random starts, eps warm-up, the PGD monitor)."""
+    (with FGSM-RS training too: random starts, eps warm-up, the PGD monitor; and with Adam
+    on the per-step cyclic schedule)."""
     config = tiny("fastclip-composite", "train.epochs=10", "train.limit_train=160", *extra)
     (tmp_path / "c.toml").write_text(to_toml(config))
     # Same string hashes in every process (SpectralClip seeds its random start with hash(name)).
@@ -147,12 +152,39 @@ def test_resume_after_sigkill_is_exact(tmp_path, extra):
     assert a["epoch"] == b["epoch"] == 9 and a["global_step"] == b["global_step"]
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert all(torch.equal(x["momentum_buffer"], y["momentum_buffer"])
-               for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()))
+    states = list(zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()))
+    assert states and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                          for x, y in states)  # momentum buffers; Adam's moments and step
+    assert a["scheduler"] == b["scheduler"]
     strip = lambda table: [{k: v for k, v in r.items() if k != "wall_time"} for r in table]  # noqa: E731
     assert strip(rows(tmp_path / "whole")) == strip(rows(tmp_path / "killed"))
     assert len(rows(tmp_path / "killed")) == 10
-    assert ("pgd_acc" in rows(tmp_path / "killed")[0]) == bool(extra)
+    assert ("pgd_acc" in rows(tmp_path / "killed")[0]) == (extra == ADVERSARIAL)
+
+
+def test_cyclic_schedule_is_wong_et_al_triangle_set_every_step(tmp_path, monkeypatch):
+    """schedule = "cyclic": the lr of every optimiser step is train.lr times the triangle
+    (0 -> 1 at 2/5 of the steps -> 0), as np.interp over the fractional epoch gives it
+    (Wong et al.'s code); Adam is the optimiser; a resume may not change the epochs."""
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    config = tiny("none", "train.epochs=5", "train.limit_train=96", "train.batch_size=32",
+                  "train.lr=0.02", *ADAM_CYCLIC[:2])
+    run = train(config, tmp_path / "run")
+    steps = 5 * 3
+    expected = [0.02 * float(np.interp((i + 1) / 3, [0, 2, 5], [0, 1, 0])) for i in range(steps)]
+    assert seen == pytest.approx(expected, rel=1e-12, abs=1e-15) and len(seen) == steps
+    assert max(seen) == pytest.approx(0.02) and seen[-1] == 0.0
+    assert [float(r["lr"]) for r in rows(run)] == pytest.approx(expected[::3])
+    assert cyclic_factor(5, 15) == pytest.approx(1.0)
+    with pytest.raises(RobustclipError, match="cyclic schedule spans the run's 5 epochs"):
+        train(override(config, ["train.epochs=6"]), run, resume=True)
 
 
 def test_ctrl_c_keeps_last_completed_epoch(tmp_path, monkeypatch):
