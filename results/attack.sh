@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [certified]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -11,6 +11,14 @@ run() {  # run OUT_DIR COMMAND...
   local out=$1; shift
   "$@" --out "$out" --overwrite
   echo "$*" --out "$out" --overwrite > "$out/command.txt"
+}
+keep_training() {  # keep_training OUT RUNS_DIR RUN...: each run's metrics, config and
+  # environment beside the results, in OUT/training
+  local out=$1 dir=$2; shift 2
+  mkdir -p "$out/training"
+  for m in "$@"; do
+    for f in metrics.csv config.toml environment.json; do cp "$dir/$m/$f" "$out/training/$m.$f"; done
+  done
 }
 merged() {  # merged OUT: run the caller's cmds two at a time (one thread each), merge the
   # caller's folders (one per command) into OUT, and record the commands in OUT/command.txt
@@ -58,10 +66,7 @@ lipnet() {  # the FGSM-RS-trained lipnets of results/train_lipnet.sh: the standa
     folders+=("runs/eval-lipnet/$m")
   done
   merged "$out"
-  mkdir -p "$out/training"
-  for m in $models; do
-    for f in metrics.csv config.toml environment.json; do cp "runs/lipnet/$m/$f" "$out/training/$m.$f"; done
-  done
+  keep_training "$out" runs/lipnet $models
 }
 lipnet_l2() {  # the same two lipnets under the standard evaluation at L2 1.0/1.58/2.0, with the
   # certified accuracy their sound bounds give at each radius
@@ -86,22 +91,35 @@ gain() {  # how much of their Lipschitz budget the lipnets use on pairs of test 
 }
 smallcnn() {  # the FGSM-RS-trained smallcnns of results/train_smallcnn.sh: the standard
   # evaluation at Linf 0.1/0.2/0.3 and L2 1.0/1.58/2.0 (certified accuracy from the sound
-  # bound at each L2 radius) on the first 1000 test images, one model per command, merged,
-  # with foolbox's FMN and PGD (L2 and Linf) beside it; each run's config and metrics beside it
+  # bound at each L2 radius) on the first 200 test images (the cascade takes 7 minutes per
+  # 256 robust images and budget here), one model per command, merged, with foolbox's FMN
+  # and PGD (L2 and Linf) beside it; each run's config and metrics beside it
   local out=results/smallcnn-fgsm models="none-fgsm-s1 fastclip-fgsm-s1" cmds=() folders=()
   for m in $models; do
-    cmds+=("$rc attack runs/smallcnn/$m --suite attacks/mnist-results.toml --limit 1000 --seed 0 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_l2.py runs/smallcnn/$m --limit 1000 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_linf.py runs/smallcnn/$m --limit 1000 --out runs/eval-smallcnn/$m")
+    cmds+=("$rc attack runs/smallcnn/$m --suite attacks/mnist-results.toml --limit 200 --seed 0 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_l2.py runs/smallcnn/$m --limit 200 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_linf.py runs/smallcnn/$m --limit 200 --out runs/eval-smallcnn/$m")
     folders+=("runs/eval-smallcnn/$m")
   done
   merged "$out"
-  mkdir -p "$out/training"
+  keep_training "$out" runs/smallcnn $models
+}
+certified() {  # the certified-trained lipnets of results/train_certified.sh: the standard
+  # evaluation at L2 1.0/1.58/2.0 on the first 100 test images with the certified accuracy
+  # of their sound bounds, one model per command, merged, foolbox's L2 attacks beside it,
+  # each run's config and metrics beside it; and the certified accuracy on the whole test
+  # set (beside PGD-L2, 10 steps)
+  local out=results/lipnet-certified models="none-margin-s1 fastclip-margin-sound-s1" cmds=() folders=()
   for m in $models; do
-    for f in metrics.csv config.toml environment.json; do cp "runs/smallcnn/$m/$f" "$out/training/$m.$f"; done
+    cmds+=("$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm L2 --limit 100 --seed 0 --out runs/eval-certified/$m && .venv/bin/python results/compare_l2.py runs/lipnet/$m --limit 100 --out runs/eval-certified/$m")
+    folders+=("runs/eval-certified/$m")
   done
+  merged "$out"
+  keep_training "$out" runs/lipnet $models
+  run results/lipnet-certified-full $rc attack runs/lipnet/none-margin-s1 runs/lipnet/fastclip-margin-sound-s1 \
+      --attack pgdl2 --steps 10 --norm L2 --eps 1.0 --eps 1.58 --eps 2.0 --seed 0
 }
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn certified}"; do
   for p in $part; do "$p"; done
 done

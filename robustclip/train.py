@@ -1,4 +1,5 @@
-"""Training runs: SGD or Adam, a step or cyclic schedule, on a config, with metrics, TensorBoard, checkpoints, resume.
+"""Training runs on a config (SGD or Adam; a step or cyclic schedule), with metrics,
+TensorBoard, checkpoints and resume.
 
 A run directory holds:
 
@@ -357,8 +358,8 @@ def cyclic_factor(step: int, total_steps: int, peak: float = 0.4) -> float:
     """The cyclic schedule's lr / train.lr at the 0-based ``step`` of ``total_steps``: a
     triangle from 0 up to 1 at ``peak`` of the run and back to 0 at its end (Wong et al.
     2020 evaluate it after the step's fraction of an epoch, hence ``step + 1``)."""
-    t, top = (step + 1) / total_steps, peak
-    return max(0.0, t / top if t <= top else (1 - t) / (1 - top))
+    t = (step + 1) / total_steps
+    return max(0.0, t / peak if t <= peak else (1 - t) / (1 - peak))
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig,

@@ -549,34 +549,25 @@ def test_groupsort_is_bounded_by_one_and_its_jacobian_norm_is_one(group_size):
                for _ in range(20)) <= bound
 
 
-def test_lipnet_bound_holds_against_its_exact_jacobian():
-    """lipnet (MaxMin, pixel unshuffle) with fastclip: a guaranteed bound, at least the
-    exact Jacobian norm at random inputs; each pixel unshuffle is an isometry (factor 1)."""
+@pytest.mark.parametrize("name, args, layers", [("lipnet", {"width": 2, "hidden": 4}, 7),
+                                               ("smallcnn", {"width": 2, "hidden": 6}, 4)])
+def test_model_bound_holds_against_its_exact_jacobian(name, args, layers):
+    """lipnet (MaxMin, pixel unshuffle) and smallcnn (ReLU, strided 4x4 convs) with
+    fastclip: a guaranteed bound, the product of the rows (centring is an isometry), at
+    least the exact Jacobian norm at random inputs."""
     torch.manual_seed(0)
-    model = models.build_model("lipnet", "mnist", "fastclip", width=2, hidden=4).eval()
+    model = models.build_model(name, "mnist", "fastclip", **args).eval()
     bound, rows = lipschitz_report(model, (1, 28, 28))
-    assert rows.attrs["bound_kind"] == "upper" and len(rows) == 8  # normalise + 7 layers
+    assert rows.attrs["bound_kind"] == "upper" and len(rows) == 1 + layers  # normalise + layers
     assert bound == pytest.approx(math.prod(rows["sigma_upper"]), rel=1e-12)
     twin = float64_twin(model)
     g = torch.Generator().manual_seed(1)
     norms = [_jacobian_norm(twin, torch.rand(1, 28, 28, generator=g, dtype=torch.float64))
              for _ in range(3)]
     assert 0 < max(norms) <= bound
+
+
+def test_pixel_unshuffle_is_an_isometry():
     unshuffle = nn.PixelUnshuffle(2).double()
     assert lipschitz_report(nn.Sequential(unshuffle), (2, 4, 4))[0] == 1.0
     assert _jacobian_norm(unshuffle, torch.rand(2, 4, 4, dtype=torch.float64)) == pytest.approx(1.0, abs=1e-12)
-
-
-def test_smallcnn_bound_holds_against_its_exact_jacobian():
-    """smallcnn (ReLU, strided 4x4 convs) with fastclip: a guaranteed bound, the product of
-    its layers' rows (centring is an isometry), at least the exact Jacobian norm."""
-    torch.manual_seed(0)
-    model = models.build_model("smallcnn", "mnist", "fastclip", width=2, hidden=6).eval()
-    bound, rows = lipschitz_report(model, (1, 28, 28))
-    assert rows.attrs["bound_kind"] == "upper" and len(rows) == 5  # normalise + 4 layers
-    assert bound == pytest.approx(math.prod(rows["sigma_upper"]), rel=1e-12)
-    twin = float64_twin(model)
-    g = torch.Generator().manual_seed(1)
-    norms = [_jacobian_norm(twin, torch.rand(1, 28, 28, generator=g, dtype=torch.float64))
-             for _ in range(3)]
-    assert 0 < max(norms) <= bound
