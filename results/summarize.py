@@ -153,7 +153,7 @@ def whole_test_set_section(folder: Path) -> list[str]:
                           "clean": rows.clean_acc.map(pct), "certified": rows.certified_acc.map(pct),
                           rows.attack.iloc[0]: rows.robust_acc.map(pct),
                           "bound (kind)": [f"{b:.4f} ({k})" for b, k in zip(rows.lipschitz_bound, rows.bound_kind)]})
-    return [f"The same model on the whole test set ({int(rows.n.iloc[0])} images; "
+    return [f"The same runs on the whole test set ({int(rows.n.iloc[0])} images; "
             f"`{folder.name}/command.txt`): certified accuracy from the sound bound, with "
             f"{rows.attack.iloc[0]} beside it (an upper bound of robust accuracy, weaker than "
             "the standard evaluation above):", "", markdown(shown), ""]
