@@ -5,8 +5,9 @@
   default), projection onto the ball and [0, 1];
 * N-FGSM (de Jorge et al. 2022, "Make some noise"): a uniform random start of twice the
   radius (2 eps), one signed-gradient step of eps, and no projection onto the eps ball
-  (only onto [0, 1]): the training perturbation may reach 3 eps in Linf.  It avoids the
-  catastrophic overfitting of FGSM-RS at large eps at the same cost;
+  (only onto [0, 1]): the training perturbation may reach 3 eps in Linf.  Proposed to
+  avoid FGSM-RS's catastrophic overfitting at the same cost; on MNIST at eps 0.3 it
+  overfit too (results/FINDINGS.md);
 * PGD (Madry et al. 2018): a uniform random start, then ``steps`` signed-gradient steps,
   each projected;
 * the objective is the cross-entropy, or for TRADES (Zhang et al. 2019) the KL

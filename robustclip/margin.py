@@ -205,19 +205,19 @@ class TrainingBound:
 
     def describe(self) -> str:
         """One line for the log: the mode, what L multiplies and what it is worth."""
+        bns = sum(op == "bn" for op, *_ in self.program)
+        with_bns = f" and {bns} BatchNorm norms" if bns else ""
         if self.sound:
             text = (f"L = the differentiable product of {len(self.wrappers)} guaranteed per-layer "
-                    f"upper bounds (exact sigma of dense layers, FFT bounds of convs)"
-                    f"{f' and {bns} BatchNorm norms' if (bns := sum(op == 'bn' for op, *_ in self.program)) else ''} "
+                    f"upper bounds (exact sigma of dense layers, FFT bounds of convs){with_bns} "
                     f"and the fixed factors: the certificate's own bound")
         elif self.constant:
             text = (f"L = {self.value:.4g}, constant: the clip targets of {len(self.wrappers)} "
                     f"clipped layers times the fixed factors (a target the clipping maintains "
                     f"at its clip events, not a guarantee)")
         else:
-            bns = sum(op == "bn" for op, *_ in self.program)
             text = (f"L = the differentiable product of {len(self.wrappers)} tracked sigma "
-                    f"estimates (||A v||, from below){f' and {bns} BatchNorm norms' if bns else ''} "
+                    f"estimates (||A v||, from below){with_bns} "
                     f"and the fixed factors (an estimate, not a guarantee)")
         if self.estimated:
             text += f"; fixed factors without a guaranteed bound: {', '.join(self.estimated)}"

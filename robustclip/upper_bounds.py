@@ -38,7 +38,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -97,10 +96,10 @@ def operator_upper_bound(module: nn.Module, input_shape: Sequence[int], *,
     allows :func:`nonnegative_upper_bound`.  Returns None where no bound is known.
     """
     shape = tuple(int(s) for s in input_shape)
-    inner = _unwrap(module)
-    layers = [_unwrap(m) for m in inner] if isinstance(inner, nn.Sequential) else [inner]
+    layers = _layers(module)
     if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
-        return conv_upper_bound(layers[0], shape, _bn_scale(layers[1]))
+        with torch.no_grad():
+            return conv_upper_bound(layers[0], shape, _bn_scale(layers[1]))
     if len(layers) != 1:
         return None
     (layer,) = layers
@@ -120,15 +119,21 @@ def operator_upper_bound(module: nn.Module, input_shape: Sequence[int], *,
     return None
 
 
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """The layers of ``module`` (spectral wrappers unwrapped): a Sequential's, else itself."""
+    inner = _unwrap(module)
+    return [_unwrap(m) for m in inner] if isinstance(inner, nn.Sequential) else [inner]
+
+
 def _is_eval_bn(module: nn.Module) -> bool:
     return isinstance(module, _BATCHNORMS) and module.running_var is not None
 
 
 def _bn_scale(bn: nn.Module) -> Tensor:
-    """gamma / sqrt(running_var + eps) per channel, (C,), computed in float64."""
-    with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
-        return scale if bn.weight is None else scale * bn.weight.detach().double()
+    """gamma / sqrt(running_var + eps) per channel, (C,), computed in float64 and
+    differentiable in gamma (take it under ``torch.no_grad`` for a number)."""
+    scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    return scale if bn.weight is None else scale * bn.weight.double()
 
 
 def _normalize_bound(layer: Normalize, shape: tuple[int, ...]) -> UpperBound | None:
@@ -284,19 +289,15 @@ def differentiable_bound(module: nn.Module, input_shape: Sequence[int]) -> Tenso
     the weights (and the BatchNorm's gamma), for training against the certificate's bound.
 
     The top singular pair (u, v) of the matrix whose norm is the bound is found without
-    gradient (a dense layer's from the top eigenvector of its smaller Gram matrix); the value is then Re(u^H M v), equal to that norm, and its gradient is that
-    of sigma_1 (u v^H pulled back to the weights): Linear, M = W; conv, M = the kernel DFT
-    matrix of the frequency (and group) with the largest norm, times the padding factor
-    of :func:`conv_upper_bound`.  Raises RobustclipError for any other module.
+    gradient (a dense layer's from the top eigenvector of its smaller Gram matrix); the
+    value is then Re(u^H M v), equal to that norm, and its gradient is that of sigma_1
+    (u v^H pulled back to the weights): Linear, M = W; conv, M = the kernel DFT matrix of
+    the frequency (and group) with the largest norm, times the padding factor of
+    :func:`conv_upper_bound`.  Raises RobustclipError for any other module.
     """
-    inner = _unwrap(module)
-    layers = [_unwrap(m) for m in inner] if isinstance(inner, nn.Sequential) else [inner]
-    scale = None
+    layers, scale = _layers(module), None
     if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
-        bn = layers[1]
-        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-        scale = scale if bn.weight is None else scale * bn.weight.double()
-        layers = layers[:1]
+        layers, scale = layers[:1], _bn_scale(layers[1])
     if len(layers) == 1 and isinstance(layers[0], nn.Linear):
         w = layers[0].weight.double()
         with torch.no_grad():  # the top eigenvector of the smaller Gram matrix, the other side
@@ -307,7 +308,7 @@ def differentiable_bound(module: nn.Module, input_shape: Sequence[int]) -> Tenso
             v = v / v.norm()
         return u @ w @ v if wide else v @ w @ u
     if len(layers) != 1 or not isinstance(layers[0], _CONVS):
-        raise RobustclipError(f"no differentiable bound for {type(inner).__name__}: only Linear, "
+        raise RobustclipError(f"no differentiable bound for {type(_unwrap(module)).__name__}: only Linear, "
                               f"conv and conv + BatchNorm layers have one")
     conv = layers[0]
     grid, factor, _, _ = _conv_geometry(conv, input_shape)
@@ -318,12 +319,11 @@ def differentiable_bound(module: nn.Module, input_shape: Sequence[int]) -> Tenso
         norms = torch.cat([torch.linalg.matrix_norm(c, ord=2) for c in per_freq.split(_SVD_BATCH)])
         top = int(norms.argmax())
         u, _, vh = torch.linalg.svd(per_freq[top])
-        freq = torch.tensor(list(np.unravel_index(top // groups, rshape)), dtype=torch.float64,
-                            device=w.device)
+        freq = torch.stack(torch.unravel_index(torch.tensor(top // groups, device=w.device), rshape))
         cells = _tap_cells(k, grid, conv.dilation, w.device)
         position = torch.stack(torch.unravel_index(cells, tuple(int(g) for g in grid)), 1)
         phase = torch.exp(-2j * math.pi * (position.double() / torch.tensor(
-            grid, dtype=torch.float64, device=w.device) * freq).sum(1))
+            grid, dtype=torch.float64, device=w.device) * freq.double()).sum(1))
     block = w.reshape(groups, c_out // groups, c_in, -1)[top % groups]
     matrix = block.to(phase.dtype) @ phase  # (c_out / groups, c_in / groups) at that frequency
     return (u[:, 0].conj() @ matrix @ vh[0].conj()).real * factor
