@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [certified]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [certified] [certified_long]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -89,36 +89,49 @@ gain() {  # how much of their Lipschitz budget the lipnets use on pairs of test 
     runs/lipnet/fastclip-margin-s1 --limit 1000 --out "$out" > /dev/null
   echo ".venv/bin/python results/layer_gain.py runs/lipnet/none-fgsm-s1 runs/lipnet/fastclip-fgsm-s1 runs/lipnet/fastclip-margin-s1 --limit 1000 --out $out" > "$out/command.txt"
 }
-smallcnn() {  # the FGSM-RS-trained smallcnns of results/train_smallcnn.sh: the standard
-  # evaluation at Linf 0.1/0.2/0.3 and L2 1.0/1.58/2.0 (certified accuracy from the sound
-  # bound at each L2 radius) on the first 200 test images (the cascade takes 7 minutes per
-  # 256 robust images and budget here), one model per command, merged, with foolbox's FMN
-  # and PGD (L2 and Linf) beside it; each run's config and metrics beside it
-  local out=results/smallcnn-fgsm models="none-fgsm-s1 fastclip-fgsm-s1" cmds=() folders=()
-  for m in $models; do
+smallcnn_models() {  # smallcnn_models OUT RUN...: the standard evaluation at Linf 0.1/0.2/0.3
+  # and L2 1.0/1.58/2.0 (certified accuracy from the sound bound at each L2 radius) of the
+  # runs/smallcnn RUNs on the first 200 test images (the cascade takes 7 minutes per 256
+  # robust images and budget here), one model per command, merged, with foolbox's FMN and
+  # PGD (L2 and Linf) beside it; each run's config and metrics beside it
+  local out=$1 cmds=() folders=(); shift
+  for m in "$@"; do
     cmds+=("$rc attack runs/smallcnn/$m --suite attacks/mnist-results.toml --limit 200 --seed 0 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_l2.py runs/smallcnn/$m --limit 200 --out runs/eval-smallcnn/$m && .venv/bin/python results/compare_linf.py runs/smallcnn/$m --limit 200 --out runs/eval-smallcnn/$m")
     folders+=("runs/eval-smallcnn/$m")
   done
   merged "$out"
-  keep_training "$out" runs/smallcnn $models
+  keep_training "$out" runs/smallcnn "$@"
 }
-certified() {  # the certified-trained lipnets of results/train_certified.sh: the standard
-  # evaluation of none at L2 1.58 on the first 100 test images with the certified accuracy
-  # of its sound bound (one budget, one model: lipnet's cascade takes about 25 minutes per
-  # budget and 100 images here), foolbox's L2 attacks beside it, both runs' configs and
-  # metrics; and the certified accuracy of both on the whole test set at L2 1.0/1.58/2.0
-  # (beside PGD-L2, 10 steps)
-  local out=results/lipnet-certified m=none-margin-s1
+smallcnn() {  # the FGSM-RS-trained smallcnns of results/train_smallcnn.sh, random start clipped
+  smallcnn_models results/smallcnn-fgsm none-fgsm-s1 fastclip-fgsm-s1
+}
+smallcnn_rawstart() {  # the same, trained from the raw random start (Wong et al.'s MNIST code)
+  smallcnn_models results/smallcnn-fgsm-rawstart none-fgsm-rawstart-s1 fastclip-fgsm-rawstart-s1 \
+      wide-none-fgsm-rawstart-s1
+}
+certified_runs() {  # certified_runs OUT FULL_OUT RUN...: the certified-trained lipnets of
+  # results/train_certified.sh: the standard evaluation of the first RUN at L2 1.58 on the
+  # first 100 test images with the certified accuracy of its sound bound (one budget, one
+  # model: lipnet's cascade takes about 25 minutes per budget and 100 images here),
+  # foolbox's L2 attacks beside it, every RUN's config and metrics in OUT; and the
+  # certified accuracy of every RUN on the whole test set at L2 1.0/1.58/2.0 (beside
+  # PGD-L2, 10 steps) in FULL_OUT
+  local out=$1 full=$2 m=$3; shift 2
   local cmds=("$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm L2 --eps 1.58 --limit 100 --seed 0 --out runs/eval-certified/$m && .venv/bin/python results/compare_l2.py runs/lipnet/$m --limit 100 --out runs/eval-certified/$m")
   local folders=("runs/eval-certified/$m")
   merged "$out"
-  keep_training "$out" runs/lipnet none-margin-s1 fastclip-margin-sound-s1
-  run results/lipnet-certified-full $rc attack runs/lipnet/none-margin-s1 runs/lipnet/fastclip-margin-sound-s1 \
-      --attack pgdl2 --steps 10 --norm L2 --eps 1.0 --eps 1.58 --eps 2.0 --seed 0
+  keep_training "$out" runs/lipnet "$@"
+  run "$full" $rc attack "${@/#/runs/lipnet/}" --attack pgdl2 --steps 10 --norm L2 --eps 1.0 --eps 1.58 --eps 2.0 --seed 0
+}
+certified() {  # 8 epochs, none and fastclip
+  certified_runs results/lipnet-certified results/lipnet-certified-full none-margin-s1 fastclip-margin-sound-s1
+}
+certified_long() {  # none for 16 epochs
+  certified_runs results/lipnet-certified-long results/lipnet-certified-long-full none-margin-long-s1
 }
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn certified}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart certified certified_long}"; do
   for p in $part; do "$p"; done
 done

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The certified-trained lipnets behind results/lipnet-certified, seed 1: none-margin-s1
-# and fastclip-margin-sound-s1 (runs/lipnet/fastclip-margin-s1 is the stopped run of that
-# config's earlier version), exactly configs/mnist-lipnet-{none,fastclip}-margin.toml
-# (Lipschitz-margin training at L2 1.58 against the sound network bound, temperature 4,
-# Adam, 8 epochs).  Two runs at a time, one thread each.
-# Run from the repository root:  bash results/train_certified.sh [RUN ...]   (default: both)
+# The certified-trained lipnets behind results/lipnet-certified, seed 1, exactly their
+# configs (Lipschitz-margin training at L2 1.58 against the sound network bound,
+# temperature 4, Adam):
+# - none-margin-s1, fastclip-margin-sound-s1: configs/mnist-lipnet-{none,fastclip}-margin.toml,
+#   8 epochs (runs/lipnet/fastclip-margin-s1 is the stopped run of the fastclip config's
+#   earlier version);
+# - none-margin-long-s1: configs/mnist-lipnet-none-margin-long.toml, the none config for
+#   16 epochs, lr / 10 after 12.
+# Two runs at a time, one thread each.
+# Run from the repository root:  bash results/train_certified.sh [RUN ...]   (default: the first two)
 set -euo pipefail
 export OMP_NUM_THREADS=1
 rc=".venv/bin/robustclip"
 declare -A configs=(
   [none-margin-s1]="configs/mnist-lipnet-none-margin.toml"
   [fastclip-margin-sound-s1]="configs/mnist-lipnet-fastclip-margin.toml"
+  [none-margin-long-s1]="configs/mnist-lipnet-none-margin-long.toml"
 )
 mkdir -p runs/lipnet
 for run in ${*:-none-margin-s1 fastclip-margin-sound-s1}; do

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The smallcnn runs behind results/smallcnn-fgsm (adversarial training), seed 1:
-# none-fgsm-s1 and fastclip-fgsm-s1, exactly their configs (Wong et al. 2020's MNIST
-# recipe: FGSM-RS at Linf 0.3, step 1.25 eps, Adam on a cyclic lr, 10 epochs; eps
-# ramped up over 3 epochs, early stopping at catastrophic overfitting).  Two runs at a
-# time, one thread each.
-# Run from the repository root:  bash results/train_smallcnn.sh [RUN ...]   (default: both)
+# The smallcnn runs behind results/smallcnn-fgsm and results/smallcnn-fgsm-rawstart
+# (adversarial training), seed 1, exactly their configs:
+# - none-fgsm-s1, fastclip-fgsm-s1: Wong et al. 2020's MNIST recipe (FGSM-RS at Linf 0.3,
+#   step 1.25 eps, Adam on a cyclic lr, 10 epochs) with the random start clipped to
+#   [0, 1], eps ramped up over 3 epochs and early stopping at catastrophic overfitting;
+# - none-fgsm-rawstart-s1, fastclip-fgsm-rawstart-s1, wide-none-fgsm-rawstart-s1: the
+#   recipe as Wong et al.'s MNIST code runs it (first gradient at the raw random start,
+#   no warm-up, no early stopping); wide: convs of 32 and 64 channels, dense 1024.
+# Two runs at a time, one thread each.
+# Run from the repository root:  bash results/train_smallcnn.sh [RUN ...]   (default: the first two)
 set -euo pipefail
 export OMP_NUM_THREADS=1
 rc=".venv/bin/robustclip"
 declare -A configs=(
   [none-fgsm-s1]="configs/mnist-smallcnn-none-fgsm.toml"
   [fastclip-fgsm-s1]="configs/mnist-smallcnn-fastclip-fgsm.toml"
+  [none-fgsm-rawstart-s1]="configs/mnist-smallcnn-none-fgsm-rawstart.toml"
+  [fastclip-fgsm-rawstart-s1]="configs/mnist-smallcnn-fastclip-fgsm-rawstart.toml"
+  [wide-none-fgsm-rawstart-s1]="configs/mnist-smallcnn-wide-none-fgsm-rawstart.toml"
 )
 mkdir -p runs/smallcnn
 for run in ${*:-none-fgsm-s1 fastclip-fgsm-s1}; do

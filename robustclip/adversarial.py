@@ -79,15 +79,17 @@ def step_ratio(attack: str, steps: int, step_size: float, eps: float) -> float:
 
 def craft(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, eps: float,
           step_size: float, steps: int, clean_probs: Tensor | None = None,
-          noise_scale: float = 1.0, project: bool = True) -> Tensor:
+          noise_scale: float = 1.0, project: bool = True, clip_start: bool = True) -> Tensor:
     """Adversarial examples of x (N, C, H, W) in [0, 1] within the Linf ball of radius
     ``eps`` (pixel units) and [0, 1].
 
     noise: (N, C, H, W) uniform in [-1, 1]: the random start x + noise_scale * eps *
     noise.  steps signed-gradient steps of ``step_size`` (1 for FGSM-RS and N-FGSM).
     clean_probs: (N, classes) softmax of the clean logits for TRADES' KL objective; None:
-    cross-entropy with y.  project: False keeps only [0, 1] (N-FGSM: no eps ball).  Run
-    the model under :func:`passive`.  Returns x_adv, detached.
+    cross-entropy with y.  project: False keeps only [0, 1] (N-FGSM: no eps ball).
+    clip_start: False takes the first gradient at the raw random start, which may leave
+    [0, 1] (Wong et al.'s MNIST code; their CIFAR code clips it); every step's result is
+    clipped either way.  Run the model under :func:`passive`.  Returns x_adv, detached.
     """
     if clean_probs is None:
         objective: Callable[[Tensor], Tensor] = lambda out: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
@@ -97,7 +99,9 @@ def craft(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, *, eps: float,
         low, high = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
     else:
         low, high = torch.zeros_like(x), torch.ones_like(x)
-    x_adv = torch.min(torch.max(x + (noise_scale * eps) * noise, low), high)
+    x_adv = x + (noise_scale * eps) * noise
+    if clip_start:
+        x_adv = torch.min(torch.max(x_adv, low), high)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():

@@ -100,7 +100,11 @@ class AdversarialConfig:
     epoch, or FGSM-RS accuracy more than overfit_gap above PGD's, is flagged as
     catastrophic overfitting.  early_stop: the first epoch flagged once eps is at its
     full value ends the run unsaved, last.pt keeping the epoch before (Wong et al.
-    2020's early stopping)."""
+    2020's early stopping).  clip_start: whether the random start is clipped to [0, 1]
+    (and the ball) before the first gradient; false takes that gradient at the raw start,
+    whose pixels may leave [0, 1], as Wong et al.'s MNIST code does (their CIFAR code
+    clips it).  On MNIST, where most pixels are 0, clipping halves the start's noise on
+    the background."""
 
     attack: str = "none"
     eps: float = 0.0
@@ -115,6 +119,7 @@ class AdversarialConfig:
     overfit_drop: float = 0.2
     overfit_gap: float = 0.3
     early_stop: bool = False
+    clip_start: bool = True
 
 
 @dataclass

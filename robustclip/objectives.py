@@ -102,7 +102,8 @@ class Objective:
                     clean_probs = F.softmax(self.model(x), 1)
             x_adv = craft(self.model, x, y, noise, eps=eps, step_size=self.step_ratio * eps,
                           steps=self.steps, clean_probs=clean_probs,
-                          noise_scale=self.noise_scale, project=self.project)
+                          noise_scale=self.noise_scale, project=self.project,
+                          clip_start=self.adv.clip_start)
         if not trades:
             logits = self.net(x_adv)
             return logits, F.cross_entropy(logits, y, reduction="none")

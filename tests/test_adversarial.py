@@ -91,6 +91,35 @@ def test_n_fgsm_is_torchattacks_fgsm_from_its_noisy_start():
     assert eps * 1.5 < (ours - x).abs().max() <= 3 * eps + 1e-6
 
 
+def test_fgsm_rs_from_the_raw_start_takes_its_gradient_outside_the_image_range():
+    """clip_start=False (Wong et al.'s MNIST code): the gradient is taken at x + eps noise
+    unclipped, pixels below 0 included, and only the step's result is projected onto the
+    ball and [0, 1]; on an image that is mostly 0 this differs from the clipped start."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    x = torch.rand(50, 1, 8, 8) * (torch.rand(50, 1, 8, 8) < 0.3)  # 70% of the pixels at 0
+    y, eps, noise = torch.randint(0, 5, (50,)), 0.25, torch.rand(50, 1, 8, 8) * 2 - 1
+    ours = craft(model, x, y, noise, eps=eps, step_size=1.25 * eps, steps=1, clip_start=False)
+    start = (x + eps * noise).requires_grad_(True)
+    assert start.min() < -0.2
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(start), y, reduction="sum"), start)
+    expected = torch.min(torch.max(start.detach() + 1.25 * eps * grad.sign(), (x - eps).clamp(min=0)),
+                         (x + eps).clamp(max=1))
+    assert (ours - expected).abs().max() < 1e-6
+    clipped = craft(model, x, y, noise, eps=eps, step_size=1.25 * eps, steps=1)
+    assert (ours != clipped).float().mean() > 0.2
+
+
+def test_clip_start_reaches_training(tmp_path):
+    """train.adversarial.clip_start changes what training crafts: on the synthetic task
+    (images with pixels at 0) the two runs' first-epoch losses differ."""
+    losses = [rows(train(tiny("none", "train.epochs=1", "train.limit_train=64", *FGSM,
+                              "train.adversarial.monitor_samples=0",
+                              f"train.adversarial.clip_start={flag}"), tmp_path / flag))[0]["train_loss"]
+              for flag in ("true", "false")]
+    assert losses[0] != losses[1]
+
+
 def test_noise_of_a_share_is_that_of_the_whole_batch():
     draw = lambda share, n: uniform_noise((n, 1, 4, 4), torch.Generator().manual_seed(3), share, 10)  # noqa: E731
     whole = draw(slice(None), 10)
@@ -181,15 +210,16 @@ def test_adversarial_and_margin_losses_do_not_combine(tmp_path):
 
 # ---------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("method, attack", [("none", "fgsm-rs"), ("fastclip-composite", "fgsm-rs"),
-                                            ("none", "n-fgsm")])
-def test_adversarial_training_raises_pgd_accuracy(tmp_path, method, attack):
-    """FGSM-RS (N-FGSM) training at eps 0.1 against the same run without it: torchattacks'
-    PGD-10 at eps 0.1 breaks the normally trained model (measured: ~0.02-0.09 robust
-    accuracy) and not the adversarially trained one (~0.55)."""
+@pytest.mark.parametrize("method, attack, extra", [
+    ("none", "fgsm-rs", ()), ("fastclip-composite", "fgsm-rs", ()), ("none", "n-fgsm", ()),
+    ("none", "fgsm-rs", ("train.adversarial.clip_start=false",))])
+def test_adversarial_training_raises_pgd_accuracy(tmp_path, method, attack, extra):
+    """FGSM-RS (N-FGSM; FGSM-RS from the raw start) training at eps 0.1 against the same
+    run without it: torchattacks' PGD-10 at eps 0.1 breaks the normally trained model
+    (measured: ~0.02-0.09 robust accuracy) and not the adversarially trained one (~0.55)."""
     plain = train(tiny(method, "train.epochs=6"), tmp_path / "plain")
     robust = train(tiny(method, "train.epochs=6", *FGSM, f"train.adversarial.attack={attack}",
-                        "train.adversarial.monitor_samples=0"), tmp_path / "robust")
+                        "train.adversarial.monitor_samples=0", *extra), tmp_path / "robust")
     assert "pgd_acc" not in rows(robust)[0] and float(rows(robust)[-1]["adv_eps"]) == 0.1
     assert _pgd_accuracy(robust, 0.1) > _pgd_accuracy(plain, 0.1) + 0.3
 

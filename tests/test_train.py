@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -334,16 +335,24 @@ def test_cli_config_errors_are_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+CONFIG_NAME = re.compile(r"(?P<dataset>[a-z0-9]+)-(?P<model>[a-z0-9]+)(?P<wide>-wide)?-"
+                         r"(?P<method>[a-z-]+?)(-(?P<loss>fgsm|margin))?(-(?P<variant>rawstart|long))?")
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_round_trip(path):
+    """A config's name says what it holds: dataset-model[-wide]-method[-loss][-variant]."""
     config = load_config(path)
     assert from_dict(tomllib.loads(to_toml(config))) == config
-    model, _, method = path.stem.partition("-")[2].partition("-")
-    method = method.removesuffix("-fgsm").removesuffix("-margin")  # the training loss
-    assert (config.method.name, config.model.name.split("-")[0]) == (method, model)
-    if path.stem.endswith("-fgsm"):  # issue 14's settings: FGSM-RS at eps 0.3
+    name = CONFIG_NAME.fullmatch(path.stem)
+    assert name, path.stem
+    assert (config.data.dataset, config.model.name.split("-")[0], config.method.name) == (
+        name["dataset"], name["model"], name["method"])
+    assert bool(name["wide"]) == (config.model.args.get("width", 16) > 16)
+    if name["loss"] == "fgsm":  # issue 14's settings: FGSM-RS at eps 0.3
         assert (config.train.adversarial.attack, config.train.adversarial.eps) == ("fgsm-rs", 0.3)
-    assert (config.train.loss == "lipschitz-margin") == path.stem.endswith("-margin")
+    assert (config.train.loss == "lipschitz-margin") == (name["loss"] == "margin")
+    assert (name["variant"] == "rawstart") == (not config.train.adversarial.clip_start)
 
 
 def test_a_run_that_never_clipped_says_so(tmp_path, caplog):
