@@ -282,15 +282,22 @@ def render() -> str:
         parts += [f"## {title[0].upper()}{title[1:]}, white-box, on {ens.parent.name}: its members "
                   f"and their ensemble (first {int(e.n.iloc[0])} test images)", "",
                   markdown(robust_by_eps(_main_rows(e))), ""]
-    if (HERE / "smallcnn-fgsm/results.json").exists():
-        parts += trained_section(HERE / "smallcnn-fgsm", "Adversarial training: smallcnn (Wong et "
-                                 "al.'s recipe), FGSM-RS at Linf 0.3", "smallcnn",
-                                 "results/train_smallcnn.sh")
-    if (HERE / "lipnet-certified/results.json").exists():
-        parts += trained_section(HERE / "lipnet-certified", "Certified training: lipnet, Lipschitz "
-                                 "margin at L2 1.58 against its sound bound", "certified",
-                                 "results/train_certified.sh")
-        parts += whole_test_set_section(HERE / "lipnet-certified-full")
+    for name, part, title in [
+            ("smallcnn-fgsm", "smallcnn", "Adversarial training: smallcnn (Wong et al.'s recipe), "
+             "FGSM-RS at Linf 0.3"),
+            ("smallcnn-fgsm-rawstart", "smallcnn_rawstart", "Adversarial training: smallcnn, FGSM-RS "
+             "at Linf 0.3 from the raw random start (Wong et al.'s MNIST code)"),
+            ("smallcnn-wide-fgsm-rawstart", "smallcnn_wide", "Adversarial training: smallcnn twice as "
+             "wide, dense 1024, FGSM-RS at Linf 0.3 from the raw random start")]:
+        if (HERE / f"{name}/results.json").exists():
+            parts += trained_section(HERE / name, title, part, "results/train_smallcnn.sh")
+    for name, part, title in [("lipnet-certified", "certified", "Certified training: lipnet, Lipschitz "
+                               "margin at L2 1.58 against its sound bound"),
+                              ("lipnet-certified-long", "certified_long", "Certified training for 16 "
+                               "epochs: lipnet + none, Lipschitz margin at L2 1.58")]:
+        if (HERE / f"{name}/results.json").exists():
+            parts += trained_section(HERE / name, title, part, "results/train_certified.sh")
+            parts += whole_test_set_section(HERE / f"{name}-full")
     if (HERE / "lipnet-fgsm/results.json").exists():
         parts += trained_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
                                  "lipnet", "results/train_lipnet.sh")
