@@ -103,8 +103,8 @@ class AdversarialConfig:
     2020's early stopping).  clip_start: whether the random start is clipped to [0, 1]
     (and the ball) before the first gradient; false takes that gradient at the raw start,
     whose pixels may leave [0, 1], as Wong et al.'s MNIST code does (their CIFAR code
-    clips it).  On MNIST, where most pixels are 0, clipping halves the start's noise on
-    the background."""
+    clips it).  On MNIST, where most pixels are 0, clipping puts half the background's
+    start at exactly 0.  The monitor's FGSM-RS always starts clipped."""
 
     attack: str = "none"
     eps: float = 0.0
