@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [certified] [certified_long]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [certified] [certified_long]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -90,21 +90,22 @@ gain() {  # how much of their Lipschitz budget the lipnets use on pairs of test 
   echo ".venv/bin/python results/layer_gain.py runs/lipnet/none-fgsm-s1 runs/lipnet/fastclip-fgsm-s1 runs/lipnet/fastclip-margin-s1 --limit 1000 --out $out" > "$out/command.txt"
 }
 smallcnn_models() {  # smallcnn_models OUT NORMS RUN...: the standard evaluation of the
-  # runs/smallcnn RUNs at Linf 0.1/0.2/0.3 (NORMS "Linf") or at those and L2 1.0/1.58/2.0
-  # (NORMS "Linf L2"; certified accuracy from the sound bound at each L2 radius) on the
+  # runs/smallcnn RUNs at Linf 0.1/0.2/0.3 (NORMS "Linf"), L2 1.0/1.58/2.0 (NORMS "L2";
+  # certified accuracy from the sound bound at each L2 radius) or both ("L2 Linf") on the
   # first 200 test images (the cascade takes 7 minutes per 256 robust images and budget
   # here), one model per command, merged, with foolbox's FMN and PGD of each norm beside
   # it; each run's config and metrics beside it
   local out=$1 norms=$2 cmds=() folders=(); shift 2
-  local only=""; [ "$norms" = Linf ] && only=" --norm Linf"
+  local only="" evals=runs/eval-smallcnn
+  case "$norms" in Linf) only=" --norm Linf";; L2) only=" --norm L2" evals=runs/eval-smallcnn-l2;; esac
   for m in "$@"; do
-    local cmd="$rc attack runs/smallcnn/$m --suite attacks/mnist-results.toml$only --limit 200 --seed 0 --out runs/eval-smallcnn/$m"
+    local cmd="$rc attack runs/smallcnn/$m --suite attacks/mnist-results.toml$only --limit 200 --seed 0 --out $evals/$m"
     for n in $norms; do
       local script=compare_linf; [ "$n" = L2 ] && script=compare_l2
-      cmd+=" && .venv/bin/python results/$script.py runs/smallcnn/$m --limit 200 --out runs/eval-smallcnn/$m"
+      cmd+=" && .venv/bin/python results/$script.py runs/smallcnn/$m --limit 200 --out $evals/$m"
     done
     cmds+=("$cmd")
-    folders+=("runs/eval-smallcnn/$m")
+    folders+=("$evals/$m")
   done
   merged "$out"
   keep_training "$out" runs/smallcnn "$@"
@@ -115,9 +116,12 @@ smallcnn() {  # the FGSM-RS-trained smallcnns of results/train_smallcnn.sh, rand
 smallcnn_rawstart() {  # the same, trained from the raw random start (Wong et al.'s MNIST code)
   smallcnn_models results/smallcnn-fgsm-rawstart "L2 Linf" none-fgsm-rawstart-s1 fastclip-fgsm-rawstart-s1
 }
-smallcnn_wide() {  # the wide smallcnn, trained from the raw random start, at Linf only (its
+smallcnn_wide() {  # the wide smallcnn, trained from the raw random start, one norm a part (its
   # cascade costs about 3 times smallcnn's)
   smallcnn_models results/smallcnn-wide-fgsm-rawstart Linf wide-none-fgsm-rawstart-s1
+}
+smallcnn_wide_l2() {
+  smallcnn_models results/smallcnn-wide-fgsm-rawstart-l2 L2 wide-none-fgsm-rawstart-s1
 }
 certified_runs() {  # certified_runs OUT FULL_OUT RUN...: the certified-trained lipnets of
   # results/train_certified.sh: the standard evaluation of the first RUN at L2 1.58 on the
@@ -142,6 +146,6 @@ certified_long() {  # none for 16 epochs
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide certified certified_long}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 certified certified_long}"; do
   for p in $part; do "$p"; done
 done

@@ -288,9 +288,11 @@ def render() -> str:
             ("smallcnn-fgsm-rawstart", "smallcnn_rawstart", "Adversarial training: smallcnn, FGSM-RS "
              "at Linf 0.3 from the raw random start (Wong et al.'s MNIST code)"),
             ("smallcnn-wide-fgsm-rawstart", "smallcnn_wide", "Adversarial training: smallcnn twice as "
-             "wide, dense 1024, FGSM-RS at Linf 0.3 from the raw random start")]:
+             "wide, dense 1024, FGSM-RS at Linf 0.3 from the raw random start"),
+            ("smallcnn-wide-fgsm-rawstart-l2", "smallcnn_wide_l2", "The wide smallcnn at L2")]:
         if (HERE / f"{name}/results.json").exists():
-            parts += trained_section(HERE / name, title, part, "results/train_smallcnn.sh")
+            parts += trained_section(HERE / name, title, part, "results/train_smallcnn.sh",
+                                     training=not name.endswith("-l2"))
     for name, part, title in [("lipnet-certified", "certified", "Certified training: lipnet, Lipschitz "
                                "margin at L2 1.58 against its sound bound"),
                               ("lipnet-certified-long", "certified_long", "Certified training for 16 "
