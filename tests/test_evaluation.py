@@ -10,6 +10,8 @@ import math
 import warnings
 from pathlib import Path
 
+import matplotlib.figure
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +21,7 @@ import torchattacks
 import robustclip.evaluation as H
 from robustclip.bounds import lipschitz_report
 from robustclip.errors import RobustclipError
+from robustclip.report import plot_robust_vs_lipschitz
 from helpers import SHAPE, Offset, tiny_classifier
 
 with warnings.catch_warnings():  # foolbox imports a deprecated scipy module
@@ -311,3 +314,25 @@ def test_specs_and_suites(tmp_path):
     bad.write_text('[eps]\nLinf = [0.1]\n[[attack]]\nname = "pgd"\nalpha = 0.1\n')
     with pytest.raises(RobustclipError, match="unknown key 'alpha'"):
         H.load_suite(bad)
+
+
+@pytest.mark.parametrize("bounds", [[8891.2], [2.0, 8891.2], [1.1, 1.3, 1.2]])
+def test_robust_vs_lipschitz_names_every_model_inside_the_frame(monkeypatch, bounds):
+    """Each model's name is drawn within the axes, the rightmost model's (alone or not)
+    to the left of its point."""
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    table = pd.DataFrame([{"model": f"a-rather-long-model-name-s{i}", "norm": "Linf", "eps": eps,
+                           "attack": "standard", "robust_acc": acc, "clean_acc": 1.0,
+                           "lipschitz_bound": bound}
+                          for i, bound in enumerate(bounds) for eps, acc in [(0.1, 0.99), (0.3, 0.8)]])
+    plot_robust_vs_lipschitz(table, "unused.png")
+    (fig,) = drawn
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent()
+    names = [t for t in ax.texts if t.get_text().startswith("a-rather")]
+    assert len(names) == len(bounds)
+    for text in names:
+        box = text.get_window_extent()
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, text.get_text()
