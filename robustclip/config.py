@@ -98,9 +98,9 @@ class AdversarialConfig:
     PGD-monitor_steps accuracy at eps is measured each epoch (``pgd_acc``, with FGSM-RS's
     ``fgsm_acc`` beside it; 0: off); a drop of more than overfit_drop from the previous
     epoch, or FGSM-RS accuracy more than overfit_gap above PGD's, is flagged as
-    catastrophic overfitting.  early_stop: the first epoch flagged once eps is at its
-    full value ends the run unsaved, last.pt keeping the epoch before (Wong et al.
-    2020's early stopping).  clip_start: whether the random start is clipped to [0, 1]
+    catastrophic overfitting.  early_stop: the first epoch flagged at the full eps after
+    an unflagged one at the full eps ends the run unsaved, last.pt keeping the epoch
+    before (Wong et al. 2020's early stopping).  clip_start: whether the random start is clipped to [0, 1]
     (and the ball) before the first gradient; false takes that gradient at the raw start,
     whose pixels may leave [0, 1], as Wong et al.'s MNIST code does (their CIFAR code
     clips it).  On MNIST, where most pixels are 0, clipping puts half the background's

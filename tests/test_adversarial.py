@@ -264,6 +264,21 @@ def test_early_stop_ends_the_run_at_catastrophic_overfitting_keeping_the_epoch_b
     assert len(rows(warm)) == 3  # eps never reached its full value: no stop
 
 
+def test_early_stop_waits_for_a_clean_epoch_at_the_full_eps(tmp_path, caplog, monkeypatch):
+    """Flags from the first epoch at the full eps on (here the monitor flags every epoch)
+    never stop a run that has had no clean epoch at the full eps: it trains to the end
+    and says that the stop waits."""
+    monkeypatch.setattr(OverfittingMonitor, "check", lambda self, epoch, measured, previous: True)
+    config = tiny("none", "train.epochs=3", *FGSM, "train.adversarial.monitor_samples=16",
+                  "train.adversarial.early_stop=true")
+    with caplog.at_level("INFO", logger="robustclip.train"):
+        run = train(config, tmp_path / "run")
+    assert [r["catastrophic_overfitting"] for r in rows(run)] == ["1", "1", "1"]
+    assert read_checkpoint(run)["epoch"] == 2
+    assert caplog.text.count("no earlier epoch at the full eps was clean") == 3
+    assert "training stops" not in caplog.text
+
+
 def test_monitor_attacks_the_last_test_samples(tmp_path):
     """The monitor's held-out samples are the test split's last ones, clear of the first N
     an evaluation with --limit N takes."""
