@@ -100,11 +100,11 @@ class AdversarialConfig:
     epoch, or FGSM-RS accuracy more than overfit_gap above PGD's, is flagged as
     catastrophic overfitting.  early_stop: the first epoch flagged at the full eps after
     an unflagged one at the full eps ends the run unsaved, last.pt keeping the epoch
-    before (Wong et al. 2020's early stopping).  clip_start: whether the random start is clipped to [0, 1]
-    (and the ball) before the first gradient; false takes that gradient at the raw start,
-    whose pixels may leave [0, 1], as Wong et al.'s MNIST code does (their CIFAR code
-    clips it).  On MNIST, where most pixels are 0, clipping puts half the background's
-    start at exactly 0.  The monitor's FGSM-RS always starts clipped."""
+    before (Wong et al. 2020's early stopping).  clip_start: whether the random start is
+    clipped to [0, 1] (and the ball) before the first gradient; false takes that gradient
+    at the raw start, whose pixels may leave [0, 1], as Wong et al.'s MNIST code does
+    (their CIFAR code clips it).  On MNIST, where most pixels are 0, clipping puts half
+    the background's start at exactly 0.  The monitor's FGSM-RS always starts clipped."""
 
     attack: str = "none"
     eps: float = 0.0

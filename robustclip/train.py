@@ -433,7 +433,7 @@ def _fit(config: Config, out: Path, model: nn.Module, ckpt: dict[str, Any] | Non
                    "test_loss": test_loss, "test_acc": test_acc,
                    **_robustness(monitor, objective, model, epoch, global_step, history),
                    **_sigmas(model), "lr": lr, "wall_time": time.perf_counter() - start}
-            if _stops_early(config, row, objective, global_step, history):
+            if _stops_early(config, row, history):
                 log.warning("epoch %d: catastrophic overfitting at the full eps, and "
                             "train.adversarial.early_stop is on: training stops, this epoch is not "
                             "saved, %s (Wong et al. 2020's early stopping)", epoch,
@@ -487,19 +487,19 @@ def _monitor(config: Config, test_set: TensorDataset, ctx: Context) -> Overfitti
                               adv.overfit_gap, fgsm_step)
 
 
-def _stops_early(config: Config, row: dict[str, Any], objective: Objective, steps: int,
-                 history: list[dict[str, Any]]) -> bool:
-    """Whether ``row``'s epoch (ending after ``steps`` steps) ends an early-stopping run:
-    flagged as catastrophic overfitting at the full eps (after warm-up), once an earlier
-    epoch at the full eps (in ``history``) was not flagged.  Until then the model has no
+def _stops_early(config: Config, row: dict[str, Any], history: list[dict[str, Any]]) -> bool:
+    """Whether ``row``'s epoch ends an early-stopping run: flagged as catastrophic
+    overfitting at the full eps (its ``adv_eps``, after warm-up), once an earlier epoch at
+    the full eps (in ``history``) was not flagged.  Until then the model has no
     robustness to lose: a model still learning, in its first epochs at the full eps,
     resists FGSM-RS well before PGD (measured: smallcnn at 0.3 from step 0, FGSM-RS 50%
     and PGD-10 16% after its first epoch, 68% PGD two epochs later), which the gap rule
     flags; the wait is logged."""
     adv = config.train.adversarial
-    if not (adv.early_stop and row.get("catastrophic_overfitting") and objective.eps(steps - 1) >= adv.eps):
+    full = lambda r: r.get("adv_eps", 0.0) >= adv.eps  # noqa: E731
+    if not (adv.early_stop and row.get("catastrophic_overfitting") and full(row)):
         return False
-    armed = any(r.get("adv_eps", 0) >= adv.eps and not r.get("catastrophic_overfitting") for r in history)
+    armed = any(full(r) and not r.get("catastrophic_overfitting") for r in history)
     if not armed:
         log.info("epoch %d: flagged, but no earlier epoch at the full eps was clean: "
                  "train.adversarial.early_stop waits for one", row["epoch"])
