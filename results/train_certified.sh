@@ -6,7 +6,8 @@
 #   8 epochs (runs/lipnet/fastclip-margin-s1 is the stopped run of the fastclip config's
 #   earlier version);
 # - none-margin-long-s1: configs/mnist-lipnet-none-margin-long.toml, the none config for
-#   16 epochs, lr / 10 after 12.
+#   16 epochs, lr / 10 after 12;
+# - none-margin-e24-s1: configs/mnist-lipnet-none-margin-e24.toml, 24 epochs, lr / 10 after 18.
 # Two runs at a time, one thread each.
 # Run from the repository root:  bash results/train_certified.sh [RUN ...]   (default: the first two)
 set -euo pipefail
@@ -16,6 +17,7 @@ declare -A configs=(
   [none-margin-s1]="configs/mnist-lipnet-none-margin.toml"
   [fastclip-margin-sound-s1]="configs/mnist-lipnet-fastclip-margin.toml"
   [none-margin-long-s1]="configs/mnist-lipnet-none-margin-long.toml"
+  [none-margin-e24-s1]="configs/mnist-lipnet-none-margin-e24.toml"
 )
 mkdir -p runs/lipnet
 for run in ${*:-none-margin-s1 fastclip-margin-sound-s1}; do
