@@ -7,6 +7,8 @@
 #   earlier version);
 # - none-margin-long-s1: configs/mnist-lipnet-none-margin-long.toml, the none config for
 #   16 epochs, lr / 10 after 12;
+# - composite-margin-sound-s1: configs/mnist-lipnet-fastclip-composite-margin.toml (lipnet
+#   with conv+BN composites, fastclip-composite), 8 epochs;
 # - none-margin-e24-s1: configs/mnist-lipnet-none-margin-e24.toml, 24 epochs, lr / 10 after 18.
 # Two runs at a time, one thread each.
 # Run from the repository root:  bash results/train_certified.sh [RUN ...]   (default: the first two)
@@ -17,6 +19,7 @@ declare -A configs=(
   [none-margin-s1]="configs/mnist-lipnet-none-margin.toml"
   [fastclip-margin-sound-s1]="configs/mnist-lipnet-fastclip-margin.toml"
   [none-margin-long-s1]="configs/mnist-lipnet-none-margin-long.toml"
+  [composite-margin-sound-s1]="configs/mnist-lipnet-fastclip-composite-margin.toml"
   [none-margin-e24-s1]="configs/mnist-lipnet-none-margin-e24.toml"
 )
 mkdir -p runs/lipnet
