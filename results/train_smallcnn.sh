@@ -6,7 +6,8 @@
 #   [0, 1], eps ramped up over 3 epochs and early stopping at catastrophic overfitting;
 # - none-fgsm-rawstart-s1, fastclip-fgsm-rawstart-s1, wide-none-fgsm-rawstart-s1: the
 #   recipe as Wong et al.'s MNIST code runs it (first gradient at the raw random start,
-#   no warm-up, no early stopping); wide: convs of 32 and 64 channels, dense 1024.
+#   no warm-up, no early stopping); wide: convs of 32 and 64 channels, dense 1024;
+# - wide-none-fgsm-rawstart-e20-s1: the wide run for 20 epochs.
 # Two runs at a time, one thread each.
 # Run from the repository root:  bash results/train_smallcnn.sh [RUN ...]   (default: the first two)
 set -euo pipefail
@@ -18,6 +19,7 @@ declare -A configs=(
   [none-fgsm-rawstart-s1]="configs/mnist-smallcnn-none-fgsm-rawstart.toml"
   [fastclip-fgsm-rawstart-s1]="configs/mnist-smallcnn-fastclip-fgsm-rawstart.toml"
   [wide-none-fgsm-rawstart-s1]="configs/mnist-smallcnn-wide-none-fgsm-rawstart.toml"
+  [wide-none-fgsm-rawstart-e20-s1]="configs/mnist-smallcnn-wide-none-fgsm-rawstart-e20.toml"
 )
 mkdir -p runs/smallcnn
 for run in ${*:-none-fgsm-s1 fastclip-fgsm-s1}; do
