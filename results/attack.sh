@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [certified] [certified_long] [certified_e24] [certified_composite]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [certified] [certified_long] [certified_e24]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -146,12 +146,9 @@ certified_long() {  # none for 16 epochs
 certified_e24() {  # none for 24 epochs
   certified_runs results/lipnet-certified-e24 results/lipnet-certified-e24-full none-margin-e24-s1
 }
-certified_composite() {  # lipnet-composite + fastclip-composite, 8 epochs
-  certified_runs results/lipnet-certified-composite results/lipnet-certified-composite-full composite-margin-sound-s1
-}
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 certified certified_long certified_e24 certified_composite}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 certified certified_long certified_e24}"; do
   for p in $part; do "$p"; done
 done

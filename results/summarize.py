@@ -298,10 +298,7 @@ def render() -> str:
                               ("lipnet-certified-long", "certified_long", "Certified training for 16 "
                                "epochs: lipnet + none, Lipschitz margin at L2 1.58"),
                               ("lipnet-certified-e24", "certified_e24", "Certified training for 24 "
-                               "epochs: lipnet + none, Lipschitz margin at L2 1.58"),
-                              ("lipnet-certified-composite", "certified_composite", "Certified training "
-                               "with conv+BN composites: lipnet-composite + fastclip-composite, "
-                               "Lipschitz margin at L2 1.58")]:
+                               "epochs: lipnet + none, Lipschitz margin at L2 1.58")]:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_certified.sh")
             parts += whole_test_set_section(HERE / f"{name}-full")
