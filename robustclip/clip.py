@@ -85,26 +85,51 @@ def track(wrappers: Sequence["SpectralClip"]) -> None:
         maps = {w: linear_map(w.module, w._shape) for w in wrappers}
         for i in range(max((w.iters_per_step for w in wrappers), default=0)):
             due = [w for w in wrappers if w.iters_per_step > i]
-            for w, (sigma, vectors) in zip(due, tracking_steps([(maps[w], w.vectors) for w in due])):
-                w.rel_change = torch.linalg.vector_norm((sigma - w.sigmas) / sigma.clamp_min(1e-30),
-                                                        ord=math.inf)
-                w.sigmas, w.vectors = sigma, vectors
+            steps = tracking_steps([(maps[w], w.vectors) for w in due])
+            for members in _groups(due, lambda w, j: (steps[j][0].shape, steps[j][0].dtype,
+                                                      steps[j][0].device)):
+                rel = _relative_change([steps[j][0] for _, j in members], [w.sigmas for w, _ in members])
+                for r, (w, j) in zip(rel, members):
+                    w.rel_change = r
+                    w.sigmas, w.vectors = steps[j]
+
+
+def _groups(wrappers: Sequence["SpectralClip"], key: Any) -> list[list[tuple["SpectralClip", int]]]:
+    """(wrapper, index) pairs of ``wrappers`` grouped by ``key(wrapper, index)``: the
+    members of a group are computed with one batched operation each."""
+    groups: dict[Any, list[tuple[SpectralClip, int]]] = {}
+    for j, w in enumerate(wrappers):
+        groups.setdefault(key(w, j), []).append((w, j))
+    return list(groups.values())
+
+
+def _relative_change(new: Sequence[Tensor], old: Sequence[Tensor]) -> Sequence[Tensor]:
+    """max_i |new_i - old_i| / new_i for each pair of (k,) singular values (one k for
+    all), as scalars; stacked into one batched computation when there are several."""
+    if len(new) == 1:
+        return [torch.linalg.vector_norm((new[0] - old[0]) / new[0].clamp_min(1e-30), ord=math.inf)]
+    stacked = torch.stack(list(new))
+    return torch.linalg.vector_norm((stacked - torch.stack(list(old))) / stacked.clamp_min(1e-30),
+                                    ord=math.inf, dim=1)
 
 
 @torch.no_grad()
 def rescale(wrappers: Sequence["SpectralClip"]) -> None:
     """:meth:`SpectralClip.rescale_now` of every wrapper of ``wrappers``, their tracking
     iterations batched (:func:`track`): one tracking iteration on the operator as the
-    training step left it, then the last weight *= min(1, c / sigma_1).  No host
+    training step left it, then the last weight *= min(1, c / sigma_1), the factors of
+    wrappers with the same clip, dtype and device computed together.  No host
     synchronisation."""
     for w in wrappers:
         _AWAITING_RESCALE.discard(w)
     track(wrappers)
-    for w in wrappers:
-        factor = torch.reciprocal((w.sigmas[0] / w.clip).clamp_min(1.0))  # min(1, c / sigma_1)
-        w._rescaled_param().mul_(factor)
-        w.sigmas = w.sigmas * factor
-        w._log_due()
+    for members in _groups(wrappers, lambda w, _: (w.clip, w.sigmas.dtype, w.sigmas.device)):
+        tops = torch.stack([w.sigmas[0] for w, _ in members]) if len(members) > 1 else members[0][0].sigmas[:1]
+        factors = torch.reciprocal((tops / members[0][0].clip).clamp_min(1.0))  # min(1, c / sigma_1)
+        for factor, (w, _) in zip(factors, members):
+            w._rescaled_param().mul_(factor)
+            w.sigmas = w.sigmas * factor
+            w._log_due()
 
 
 register_optimizer_step_post_hook(_rescale_after_step)

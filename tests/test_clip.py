@@ -184,6 +184,30 @@ def test_rescale_hook_batches_every_composite_of_a_step(monkeypatch):
         assert torch.allclose(alone[key].float(), value.float(), atol=1e-6), key
 
 
+def test_rescale_batches_across_clips_and_block_sizes():
+    """Rescaling wrappers with different clips and block sizes together (their factors and
+    relative changes computed per group) leaves what rescaling each alone leaves, and each
+    composite within its own clip by the exact spectrum."""
+    torch.manual_seed(0)
+    shape = (2, 8, 8)
+    layers = []
+    for clip, extra in [(1.0, 4), (0.5, 4), (1.0, 2), (2.0, 0)]:
+        layer = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), random_bn(6))
+        inflate(layer, 4.0)
+        layers.append(SpectralClip(layer, clip=clip, track_extra=extra, input_shape=shape).train())
+    alone = copy.deepcopy(layers)
+    clip_module.rescale(layers)
+    for w in alone:
+        clip_module.rescale([w])
+    for together, single in zip(layers, alone):
+        assert together.rel_change.shape == () and together.sigmas.shape == single.sigmas.shape
+        for key, value in together.state_dict().items():
+            assert torch.allclose(single.state_dict()[key], value, atol=1e-6), key
+        exact = dense_singular_values(together.module, shape, k=1)[0]
+        assert exact <= together.clip * 1.001, (together.clip, exact)
+        assert float(together.sigmas[0]) <= together.clip * (1 + 1e-6)
+
+
 class _Writer:
     """A SummaryWriter's add_scalar, kept in a list."""
 
