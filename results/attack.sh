@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [certified] [certified_long] [certified_e24]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [certified] [certified_long] [certified_e24]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -123,6 +123,9 @@ smallcnn_wide() {  # the wide smallcnn, trained from the raw random start, one n
 smallcnn_wide_l2() {
   smallcnn_models results/smallcnn-wide-fgsm-rawstart-l2 L2 wide-none-fgsm-rawstart-s1
 }
+smallcnn_wide_e20() {  # the wide smallcnn trained for 20 epochs, Linf
+  smallcnn_models results/smallcnn-wide-fgsm-rawstart-e20 Linf wide-none-fgsm-rawstart-e20-s1
+}
 certified_runs() {  # certified_runs OUT FULL_OUT RUN...: the certified-trained lipnets of
   # results/train_certified.sh: the standard evaluation of the first RUN at L2 1.58 on the
   # first 100 test images with the certified accuracy of its sound bound (one budget, one
@@ -149,6 +152,6 @@ certified_e24() {  # none for 24 epochs
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 certified certified_long certified_e24}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 certified certified_long certified_e24}"; do
   for p in $part; do "$p"; done
 done

@@ -289,7 +289,9 @@ def render() -> str:
              "at Linf 0.3 from the raw random start (Wong et al.'s MNIST code)"),
             ("smallcnn-wide-fgsm-rawstart", "smallcnn_wide", "Adversarial training: smallcnn twice as "
              "wide, dense 1024, FGSM-RS at Linf 0.3 from the raw random start"),
-            ("smallcnn-wide-fgsm-rawstart-l2", "smallcnn_wide_l2", "The wide smallcnn at L2")]:
+            ("smallcnn-wide-fgsm-rawstart-l2", "smallcnn_wide_l2", "The wide smallcnn at L2"),
+            ("smallcnn-wide-fgsm-rawstart-e20", "smallcnn_wide_e20", "Adversarial training: the wide "
+             "smallcnn for 20 epochs, FGSM-RS at Linf 0.3 from the raw random start")]:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_smallcnn.sh",
                                      training=not name.endswith("-l2"))
