@@ -96,8 +96,8 @@ class AdversarialConfig:
     Madry's code) or "eval" (running statistics; TRADES' code).  monitor_samples: the
     last N test samples (clear of the first ones that evaluations take) on which
     PGD-monitor_steps accuracy at eps is measured each epoch (``pgd_acc``, with FGSM-RS's
-    ``fgsm_acc`` beside it; 0: off); a drop of more than overfit_drop from the previous
-    epoch, or FGSM-RS accuracy more than overfit_gap above PGD's, is flagged as
+    ``fgsm_acc`` beside it; 0: off); a drop of more than overfit_drop below the most
+    robust earlier epoch, or FGSM-RS accuracy more than overfit_gap above PGD's, is flagged as
     catastrophic overfitting.  early_stop: the first epoch flagged at the full eps after
     an unflagged one at the full eps ends the run unsaved, last.pt keeping the epoch
     before (Wong et al. 2020's early stopping).  clip_start: whether the random start is

@@ -515,8 +515,9 @@ def _robustness(monitor: OverfittingMonitor | None, objective: Objective, model:
     row: dict[str, Any] = {}
     if monitor is not None:
         row |= monitor.accuracy(model)
-        previous = history[-1].get("pgd_acc") if history else None
-        row["catastrophic_overfitting"] = int(monitor.check(epoch, row, previous))
+        earlier = [(r["epoch"], r["pgd_acc"]) for r in history if r.get("pgd_acc") is not None]
+        best = max(earlier, key=lambda e: e[1], default=None)  # the most robust (the first on ties)
+        row["catastrophic_overfitting"] = int(monitor.check(epoch, row, best))
     return row | {"adv_eps": objective.eps(steps - 1)}
 
 
