@@ -85,21 +85,21 @@ def track(wrappers: Sequence["SpectralClip"]) -> None:
         maps = {w: linear_map(w.module, w._shape) for w in wrappers}
         for i in range(max((w.iters_per_step for w in wrappers), default=0)):
             due = [w for w in wrappers if w.iters_per_step > i]
-            steps = tracking_steps([(maps[w], w.vectors) for w in due])
-            for members in _groups(due, lambda w, j: (steps[j][0].shape, steps[j][0].dtype,
-                                                      steps[j][0].device)):
-                rel = _relative_change([steps[j][0] for _, j in members], [w.sigmas for w, _ in members])
-                for r, (w, j) in zip(rel, members):
+            stepped = dict(zip(due, tracking_steps([(maps[w], w.vectors) for w in due])))
+            # a step keeps the block size, so the new values have the old ones' shape
+            for members in _groups(due, lambda w: (w.sigmas.shape, w.sigmas.dtype, w.sigmas.device)):
+                rel = _relative_change([stepped[w][0] for w in members], [w.sigmas for w in members])
+                for r, w in zip(rel, members):
                     w.rel_change = r
-                    w.sigmas, w.vectors = steps[j]
+                    w.sigmas, w.vectors = stepped[w]
 
 
-def _groups(wrappers: Sequence["SpectralClip"], key: Any) -> list[list[tuple["SpectralClip", int]]]:
-    """(wrapper, index) pairs of ``wrappers`` grouped by ``key(wrapper, index)``: the
-    members of a group are computed with one batched operation each."""
-    groups: dict[Any, list[tuple[SpectralClip, int]]] = {}
-    for j, w in enumerate(wrappers):
-        groups.setdefault(key(w, j), []).append((w, j))
+def _groups(wrappers: Sequence["SpectralClip"], key: Any) -> list[list["SpectralClip"]]:
+    """``wrappers`` grouped by ``key(wrapper)``: the members of a group are computed with
+    one batched operation each."""
+    groups: dict[Any, list[SpectralClip]] = {}
+    for w in wrappers:
+        groups.setdefault(key(w), []).append(w)
     return list(groups.values())
 
 
@@ -123,10 +123,10 @@ def rescale(wrappers: Sequence["SpectralClip"]) -> None:
     for w in wrappers:
         _AWAITING_RESCALE.discard(w)
     track(wrappers)
-    for members in _groups(wrappers, lambda w, _: (w.clip, w.sigmas.dtype, w.sigmas.device)):
-        tops = torch.stack([w.sigmas[0] for w, _ in members]) if len(members) > 1 else members[0][0].sigmas[:1]
-        factors = torch.reciprocal((tops / members[0][0].clip).clamp_min(1.0))  # min(1, c / sigma_1)
-        for factor, (w, _) in zip(factors, members):
+    for members in _groups(wrappers, lambda w: (w.clip, w.sigmas.dtype, w.sigmas.device)):
+        tops = torch.stack([w.sigmas[0] for w in members]) if len(members) > 1 else members[0].sigmas[:1]
+        factors = torch.reciprocal((tops / members[0].clip).clamp_min(1.0))  # min(1, c / sigma_1)
+        for factor, w in zip(factors, members):
             w._rescaled_param().mul_(factor)
             w.sigmas = w.sigmas * factor
             w._log_due()

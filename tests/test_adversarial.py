@@ -268,7 +268,7 @@ def test_early_stop_waits_for_a_clean_epoch_at_the_full_eps(tmp_path, caplog, mo
     """Flags from the first epoch at the full eps on (here the monitor flags every epoch)
     never stop a run that has had no clean epoch at the full eps: it trains to the end
     and says that the stop waits."""
-    monkeypatch.setattr(OverfittingMonitor, "check", lambda self, epoch, measured, previous: True)
+    monkeypatch.setattr(OverfittingMonitor, "check", lambda self, epoch, measured, best: True)
     config = tiny("none", "train.epochs=3", *FGSM, "train.adversarial.monitor_samples=16",
                   "train.adversarial.early_stop=true")
     with caplog.at_level("INFO", logger="robustclip.train"):
