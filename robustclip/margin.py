@@ -11,16 +11,26 @@ sqrt of the sum of squares over a cat), with these factors:
 * a spectral wrapper: its clip target c in *constant* mode; in *sound* mode
   (``train.margin_bound = "sound"``) the guaranteed upper bound the certificate uses
   (``robustclip.upper_bounds.differentiable_bound``: the exact sigma of a dense layer,
-  the FFT bound of a conv or conv + BN), differentiable in the weights; otherwise (*tracked*)
+  the FFT bound of a conv or conv + BN), differentiable in the weights, a conv + BN's
+  BatchNorm taken as the training forward applies it (below); otherwise (*tracked*)
   its tracked sigma as a differentiable function of the weights, ||A v|| for the
   wrapper's current top singular vector v (held fixed: a Rayleigh-quotient estimate, as
   Miyato et al.'s);
-* a BatchNorm that no wrapper holds: max |gamma| / sqrt(running_var + eps), its exact
-  eval-mode norm (differentiable in gamma);
+* a BatchNorm that no wrapper holds: max |gamma| / sqrt(var + eps), its exact norm
+  (differentiable in gamma);
 * everything without trainable weights (the input normalisation, activations, pooling,
   reshapes): the factor ``robustclip.bounds`` gives it, computed once (1 for ReLU,
   GroupSort, flatten, pixel unshuffle; max-pool and average-pool bounds; 1/std for the
   normalisation).  A layer with trainable weights that no wrapper tracks is refused.
+
+A BatchNorm's var (alone or in a conv + BN) is, in training mode, the batch variance its
+last forward normalised with (biased, per channel, differentiable in the weights before
+it; recorded by a forward pre-hook), and in eval mode its running variance.  The batch's,
+because that is the map the training forward applies: with the running variance (a
+buffer, no gradient) the bound of a conv + BN grows linearly with the conv's weights while
+the forward, which divides by the batch's statistics, does not change, and the margin
+shrinks the weights for nothing.  The certificate, at evaluation, uses the running
+variance.  (Tracked mode's ||A v|| of a conv + BN still takes the running one.)
 
 Constant mode is used when every wrapper clips and no BatchNorm lies outside one: L is
 then the product of the clip targets and the constant factors, fixed for the run.  It
@@ -32,8 +42,8 @@ sigma 3.9 for a conv clipped to 1), so the margin trains for an L several times 
 What L is worth.  L is never a certificate, though in sound mode it is the network
 bound :func:`robustclip.bounds.lipschitz_report` computes for the same weights, or a
 larger one (its per-layer factors are the same formulas, but for layers with small
-inputs, which the report bounds exactly, and BatchNorm in eval mode; float32 rounding
-aside).  In constant mode it is a target: FastClip
+inputs, which the report bounds exactly; float32 rounding aside), once the BatchNorms'
+running statistics are those of the batch (in eval mode, always).  In constant mode it is a target: FastClip
 enforces sigma <= c (1 + tol) at its clip events only (every clip_steps steps, after
 init_delay; a conv+BN composite and gouk rescale every step), and against PowerQR's
 estimate, which can lie below the true sigma (directions outside the tracked block rise
@@ -58,7 +68,7 @@ from torch import Tensor
 from robustclip.bounds import _ADDS, _Walker, _ValueProp, _dependent, _shape, trace
 from robustclip.errors import RobustclipError
 from robustclip.spectral import _BATCHNORMS, _unwrap, eval_mode, linear_map
-from robustclip.upper_bounds import differentiable_bound
+from robustclip.upper_bounds import _layers, differentiable_bound
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +92,32 @@ def _sigma(wrapper: nn.Module) -> Tensor:
         return linear_map(wrapper.module, tuple(v.shape))((v / v.norm()).unsqueeze(0)).norm()
 
 
-def _bn_norm(bn: nn.Module) -> Tensor:
-    """max |gamma| / sqrt(running_var + eps): the eval-mode norm of a lone BatchNorm."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    return (scale if bn.weight is None else bn.weight.abs() * scale).max()
+class _BatchVariances:
+    """The batch variance (biased, per channel, differentiable) each training-mode
+    BatchNorm of ``bns`` normalised its last forward with, recorded by a forward pre-hook
+    and cleared once the bound has used them."""
+
+    def __init__(self, bns: Sequence[nn.Module]) -> None:
+        self.var: dict[nn.Module, Tensor] = {}
+        for bn in bns:
+            bn.register_forward_pre_hook(self._record)
+
+    def _record(self, bn: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if bn.training:
+            x = args[0]
+            self.var[bn] = x.var(dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
+
+    def scale(self, bn: nn.Module) -> Tensor:
+        """gamma / sqrt(var + eps) (C,): var the batch's in training mode, else the running one."""
+        if not bn.training:
+            var = bn.running_var
+        elif bn in self.var:
+            var = self.var[bn]
+        else:
+            raise RobustclipError("lipschitz-margin: no batch statistics since the bound was "
+                                  "last taken (take it once after each training forward)")
+        scale = torch.rsqrt(var + bn.eps)
+        return scale if bn.weight is None else bn.weight * scale
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -118,6 +150,8 @@ class TrainingBound:
         self.sound = sound
         self.constant = (not sound and all(w.clip is not None for w in self.wrappers)
                          and not any(op == "bn" for op, *_ in self.program))
+        self.batch = _BatchVariances([] if self.constant else [
+            m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.running_var is not None])
         self.value = self._evaluate() if self.constant else None
         drifting = [w.name for w in self.wrappers if not w.rescale_every_step] if self.constant else []
         if drifting:
@@ -182,7 +216,7 @@ class TrainingBound:
             elif op == "wrapper":
                 L[node] = self._factor(*payload) * L[inputs]
             elif op == "bn":
-                L[node] = _bn_norm(payload) * L[inputs]
+                L[node] = self.batch.scale(payload).abs().max() * L[inputs]
             else:
                 L[node] = payload * L[inputs]
         raise RobustclipError("lipschitz-margin: the model has no output")
@@ -192,8 +226,11 @@ class TrainingBound:
             return wrapper.clip
         if self.sound:
             dtype = next(wrapper.module.parameters()).dtype
+            layers = _layers(wrapper.module)
+            bn = layers[1] if len(layers) == 2 and isinstance(layers[1], _BATCHNORMS) else None
             try:
-                return differentiable_bound(wrapper.module, shape).to(dtype)
+                return differentiable_bound(wrapper.module, shape, None if bn is None else
+                                            self.batch.scale(bn)).to(dtype)
             except torch.linalg.LinAlgError as err:  # non-finite weights: the training diverged
                 raise RobustclipError(f"lipschitz-margin: no sound bound of {wrapper.name}: "
                                       f"{str(err).splitlines()[0]}; the training diverged? "
@@ -201,7 +238,12 @@ class TrainingBound:
         return _sigma(wrapper)
 
     def __call__(self) -> Value:
-        return self.value if self.constant else self._evaluate()
+        if self.constant:
+            return self.value
+        try:
+            return self._evaluate()
+        finally:  # the recorded variances hold the step's graph: never keep them past it
+            self.batch.var.clear()
 
     def describe(self) -> str:
         """One line for the log: the mode, what L multiplies and what it is worth."""

@@ -283,10 +283,13 @@ def _kernel_spectrum(w: Tensor, grid: Sequence[int], dilation: Sequence[int],
     return per_freq, tuple(spectrum.shape[3:])
 
 
-def differentiable_bound(module: nn.Module, input_shape: Sequence[int]) -> Tensor:
+def differentiable_bound(module: nn.Module, input_shape: Sequence[int],
+                         bn_scale: Tensor | None = None) -> Tensor:
     """The bound :func:`operator_upper_bound` gives a Linear, a conv or a conv + eval-mode
     BatchNorm (without the rounding SAFETY), as a 0-dim float64 tensor differentiable in
     the weights (and the BatchNorm's gamma), for training against the certificate's bound.
+    bn_scale (C,): a conv + BatchNorm's per-channel scale to use instead of the eval-mode
+    gamma / sqrt(running_var + eps) (the training forward's, from its batch statistics).
 
     The top singular pair (u, v) of the matrix whose norm is the bound is found without
     gradient (a dense layer's from the top eigenvector of its smaller Gram matrix); the
@@ -297,7 +300,7 @@ def differentiable_bound(module: nn.Module, input_shape: Sequence[int]) -> Tenso
     """
     layers, scale = _layers(module), None
     if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
-        layers, scale = layers[:1], _bn_scale(layers[1])
+        layers, scale = layers[:1], _bn_scale(layers[1]) if bn_scale is None else bn_scale.double()
     if len(layers) == 1 and isinstance(layers[0], nn.Linear):
         w = layers[0].weight.double()
         with torch.no_grad():  # the top eigenvector of the smaller Gram matrix, the other side

@@ -83,23 +83,31 @@ def test_rescale_every_step_holds_every_layer_at_its_target_after_each_step():
 
 def test_tracked_mode_is_a_differentiable_product_of_sigma_estimates():
     """none (tracking only) on simpleconv: L = ||A_conv v|| * max|gamma|/sqrt(var + eps)
-    * ||A_fc v|| / std, each factor at most the layer's sigma, and gradients reach the
-    weights; after many tracking steps the wrappers' vectors are converged and L is the
-    product of the exact norms."""
+    * ||A_fc v|| / std, each factor at most the layer's sigma, var the BatchNorm's batch
+    variance in the last training forward, and gradients reach the weights; after many
+    tracking steps the wrappers' vectors are converged and L is the product of the exact
+    norms."""
     torch.manual_seed(0)
     model = build_model("simpleconv", "mnist", "none", {"iters_per_step": 50}, channels=2)
     x = torch.rand(4, 1, 28, 28)
+    bound = TrainingBound(model, (1, 28, 28))
     for _ in range(4):
         model.train()(x)
-    bound = TrainingBound(model, (1, 28, 28))
     assert not bound.constant and "2 tracked sigma" in bound.describe() and "1 BatchNorm" in bound.describe()
     L = bound()
     L.backward()
     assert model.conv1.module.weight.grad.abs().sum() > 0 and model.bn1.weight.grad.abs().sum() > 0
     fc = float(torch.linalg.matrix_norm(model.fc1.module.weight.detach(), 2))  # exact
     conv_sigma = float(model.conv1.sigmas[0])  # converged Ritz value
-    bn = float((model.bn1.weight.detach().abs() / torch.sqrt(model.bn1.running_var + model.bn1.eps)).max())
+    with torch.no_grad():
+        var = model.conv1.module(model.normalize(x)).var(dim=(0, 2, 3), unbiased=False)
+    bn = float((model.bn1.weight.detach().abs() / torch.sqrt(var + model.bn1.eps)).max())
     assert float(L.detach()) == pytest.approx(conv_sigma * bn * fc / 0.3081, rel=1e-4)
+    with pytest.raises(RobustclipError, match="no batch statistics since the bound was last taken"):
+        bound()  # the recorded statistics are gone with the step
+    model.eval()
+    running = float((model.bn1.weight.detach().abs() / torch.sqrt(model.bn1.running_var + model.bn1.eps)).max())
+    assert float(bound().detach()) == pytest.approx(conv_sigma * running * fc / 0.3081, rel=1e-4)
 
 
 @pytest.mark.parametrize("model_name, method", [("lipnet", "none"), ("lipnet", "fastclip"),
@@ -114,6 +122,7 @@ def test_sound_mode_is_the_network_bound_of_lipschitz_report(model_name, method)
     model.train()(torch.rand(4, 1, 28, 28))
     bound = TrainingBound(model, (1, 28, 28), sound=True)
     assert not bound.constant and "guaranteed per-layer upper bounds" in bound.describe()
+    model.eval()  # BatchNorm by its running statistics, as the report takes it
     L = bound()
     L.backward()
     L = float(L.detach())
@@ -123,6 +132,52 @@ def test_sound_mode_is_the_network_bound_of_lipschitz_report(model_name, method)
     assert lipschitz_report(model, (1, 28, 28))[0] <= L * (1 + 1e-5)
     assert all(w.module.weight.grad is not None and w.module.weight.grad.abs().sum() > 0
                for w in wrappers(model) if hasattr(w.module, "weight"))
+
+
+def _batch_statistics(model: nn.Module, x: torch.Tensor
+                      ) -> tuple[dict[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """A training forward of x: (mean, biased var) per channel of each BatchNorm's input, and
+    the output."""
+    stats, handles = {}, []
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        handles.append(bn.register_forward_pre_hook(
+            lambda bn, args: stats.__setitem__(bn, torch.var_mean(args[0].detach(), (0, 2, 3), correction=0)[::-1])))
+    out = model.train()(x)
+    for handle in handles:
+        handle.remove()
+    return stats, out
+
+
+def test_sound_mode_takes_batchnorm_as_the_training_forward_applies_it():
+    """lipnet-composite in training mode: each conv + BN factor uses the batch's variance,
+    so L is the report's bound of the same weights with every BatchNorm's running
+    statistics set to its batch's (with which the eval forward repeats the training
+    forward's output), and scaling a conv's weights, which the forward's normalisation
+    undoes, leaves L unchanged (<grad, W> ~ 0); the running variance (a buffer) made L
+    grow linearly in them (<grad, W> = L), which the margin answered by shrinking the
+    weights for nothing (results/lipnet-composite-margin-stopped)."""
+    torch.manual_seed(0)
+    model = build_model("lipnet-composite", "mnist", "fastclip-composite", width=2, hidden=8)
+    bound = TrainingBound(model, (1, 28, 28), sound=True)
+    x = torch.rand(8, 1, 28, 28)
+    stats, trained = _batch_statistics(model, x)
+    L = bound()
+    convs = [w.module[0].module for w in wrappers(model) if isinstance(w.module, nn.Sequential)]
+    assert len(convs) == 4 and len(stats) == 4
+    grads = torch.autograd.grad(L, [c.weight for c in convs])
+    assert all(abs(float((g * c.weight.detach()).sum())) < 1e-3 * float(L.detach()) for g, c in zip(grads, convs))
+    with torch.no_grad():
+        for bn, (mean, var) in stats.items():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    model.eval()
+    torch.testing.assert_close(model(x), trained, rtol=1e-4, atol=1e-5)
+    reference = lipschitz_report(model, (1, 28, 28), exact_max_dim=0)[0]
+    assert float(L.detach()) == pytest.approx(reference, rel=1e-5)
+    L_eval = bound()
+    grads = torch.autograd.grad(L_eval, [c.weight for c in convs])
+    assert all(float((g * c.weight.detach()).sum()) == pytest.approx(float(L_eval.detach()), rel=1e-4)
+               for g, c in zip(grads, convs))
 
 
 def test_a_trainable_layer_no_wrapper_tracks_is_refused():
