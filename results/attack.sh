@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [certified] [certified_long] [certified_e24]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_composite] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [smallcnn_baselines] [certified] [certified_long] [certified_e24] [certified_composite]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -68,6 +68,14 @@ lipnet() {  # the FGSM-RS-trained lipnets of results/train_lipnet.sh: the standa
   merged "$out"
   keep_training "$out" runs/lipnet $models
 }
+lipnet_composite() {  # the FGSM-RS-trained lipnet-composite (fastclip-composite) of
+  # results/train_lipnet.sh, as lipnet: the standard evaluation at Linf
+  local out=results/lipnet-composite-fgsm cmds=() folders=()
+  cmds=("$rc attack runs/lipnet/composite-fgsm-s1 --suite attacks/mnist-results.toml --norm Linf --limit 100 --seed 0 --out runs/eval-lipnet/composite-fgsm-s1")
+  folders=("runs/eval-lipnet/composite-fgsm-s1")
+  merged "$out"
+  keep_training "$out" runs/lipnet composite-fgsm-s1
+}
 lipnet_l2() {  # the same two lipnets under the standard evaluation at L2 1.0/1.58/2.0, with the
   # certified accuracy their sound bounds give at each radius
   local cmds=() folders=()
@@ -126,6 +134,9 @@ smallcnn_wide_l2() {
 smallcnn_wide_e20() {  # the wide smallcnn trained for 20 epochs, Linf
   smallcnn_models results/smallcnn-wide-fgsm-rawstart-e20 Linf wide-none-fgsm-rawstart-e20-s1
 }
+smallcnn_baselines() {  # the raw-start recipe with miyato and gouk, Linf
+  smallcnn_models results/smallcnn-baselines-fgsm-rawstart Linf miyato-fgsm-rawstart-s1 gouk-fgsm-rawstart-s1
+}
 certified_runs() {  # certified_runs OUT FULL_OUT RUN...: the certified-trained lipnets of
   # results/train_certified.sh: the standard evaluation of the first RUN at L2 1.58 on the
   # first 100 test images with the certified accuracy of its sound bound (one budget, one
@@ -149,9 +160,13 @@ certified_long() {  # none for 16 epochs
 certified_e24() {  # none for 24 epochs
   certified_runs results/lipnet-certified-e24 results/lipnet-certified-e24-full none-margin-e24-s1
 }
+certified_composite() {  # lipnet-composite + fastclip-composite, 8 epochs, its BatchNorms
+  # priced by the batch's variance in training (7fce4e2)
+  certified_runs results/lipnet-certified-composite results/lipnet-certified-composite-full composite-margin-batch-s1
+}
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 certified certified_long certified_e24}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_composite lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 smallcnn_baselines certified certified_long certified_e24 certified_composite}"; do
   for p in $part; do "$p"; done
 done

@@ -291,7 +291,9 @@ def render() -> str:
              "wide, dense 1024, FGSM-RS at Linf 0.3 from the raw random start"),
             ("smallcnn-wide-fgsm-rawstart-l2", "smallcnn_wide_l2", "The wide smallcnn at L2"),
             ("smallcnn-wide-fgsm-rawstart-e20", "smallcnn_wide_e20", "Adversarial training: the wide "
-             "smallcnn for 20 epochs, FGSM-RS at Linf 0.3 from the raw random start")]:
+             "smallcnn for 20 epochs, FGSM-RS at Linf 0.3 from the raw random start"),
+            ("smallcnn-baselines-fgsm-rawstart", "smallcnn_baselines", "Adversarial training: "
+             "smallcnn with miyato and gouk, FGSM-RS at Linf 0.3 from the raw random start")]:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_smallcnn.sh",
                                      training=not name.endswith("-l2"))
@@ -300,13 +302,20 @@ def render() -> str:
                               ("lipnet-certified-long", "certified_long", "Certified training for 16 "
                                "epochs: lipnet + none, Lipschitz margin at L2 1.58"),
                               ("lipnet-certified-e24", "certified_e24", "Certified training for 24 "
-                               "epochs: lipnet + none, Lipschitz margin at L2 1.58")]:
+                               "epochs: lipnet + none, Lipschitz margin at L2 1.58"),
+                              ("lipnet-certified-composite", "certified_composite", "Certified "
+                               "training: lipnet-composite + fastclip-composite, Lipschitz margin "
+                               "at L2 1.58")]:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_certified.sh")
             parts += whole_test_set_section(HERE / f"{name}-full")
     if (HERE / "lipnet-fgsm/results.json").exists():
         parts += trained_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
                                  "lipnet", "results/train_lipnet.sh")
+    if (HERE / "lipnet-composite-fgsm/results.json").exists():
+        parts += trained_section(HERE / "lipnet-composite-fgsm", "Adversarial training: "
+                                 "lipnet-composite + fastclip-composite, FGSM-RS at Linf 0.3",
+                                 "lipnet_composite", "results/train_lipnet.sh")
     if (HERE / "lipnet-fgsm-l2/results.json").exists():
         parts += trained_section(HERE / "lipnet-fgsm-l2", "The same lipnets at L2", "lipnet_l2",
                                  "results/train_lipnet.sh", training=False)

@@ -8,7 +8,9 @@
 # - none-margin-long-s1: configs/mnist-lipnet-none-margin-long.toml, the none config for
 #   16 epochs, lr / 10 after 12;
 # - composite-margin-sound-s1: configs/mnist-lipnet-fastclip-composite-margin.toml (lipnet
-#   with conv+BN composites, fastclip-composite), 8 epochs;
+#   with conv+BN composites, fastclip-composite), 8 epochs, before 7fce4e2 (its BatchNorms
+#   priced by their running variance: stopped, results/lipnet-composite-margin-stopped);
+# - composite-margin-batch-s1: the same config from 7fce4e2 on (by the batch's variance);
 # - none-margin-e24-s1: configs/mnist-lipnet-none-margin-e24.toml, 24 epochs, lr / 10 after 18.
 # Two runs at a time, one thread each.
 # Run from the repository root:  bash results/train_certified.sh [RUN ...]   (default: the first two)
@@ -20,6 +22,7 @@ declare -A configs=(
   [fastclip-margin-sound-s1]="configs/mnist-lipnet-fastclip-margin.toml"
   [none-margin-long-s1]="configs/mnist-lipnet-none-margin-long.toml"
   [composite-margin-sound-s1]="configs/mnist-lipnet-fastclip-composite-margin.toml"
+  [composite-margin-batch-s1]="configs/mnist-lipnet-fastclip-composite-margin.toml"
   [none-margin-e24-s1]="configs/mnist-lipnet-none-margin-e24.toml"
 )
 mkdir -p runs/lipnet

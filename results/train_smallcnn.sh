@@ -7,7 +7,9 @@
 # - none-fgsm-rawstart-s1, fastclip-fgsm-rawstart-s1, wide-none-fgsm-rawstart-s1: the
 #   recipe as Wong et al.'s MNIST code runs it (first gradient at the raw random start,
 #   no warm-up, no early stopping); wide: convs of 32 and 64 channels, dense 1024;
-# - wide-none-fgsm-rawstart-e20-s1: the wide run for 20 epochs.
+# - wide-none-fgsm-rawstart-e20-s1: the wide run for 20 epochs;
+# - miyato-fgsm-rawstart-s1, gouk-fgsm-rawstart-s1: the raw-start recipe with the two
+#   baselines' clipping.
 # Two runs at a time, one thread each.
 # Run from the repository root:  bash results/train_smallcnn.sh [RUN ...]   (default: the first two)
 set -euo pipefail
@@ -20,6 +22,8 @@ declare -A configs=(
   [fastclip-fgsm-rawstart-s1]="configs/mnist-smallcnn-fastclip-fgsm-rawstart.toml"
   [wide-none-fgsm-rawstart-s1]="configs/mnist-smallcnn-wide-none-fgsm-rawstart.toml"
   [wide-none-fgsm-rawstart-e20-s1]="configs/mnist-smallcnn-wide-none-fgsm-rawstart-e20.toml"
+  [miyato-fgsm-rawstart-s1]="configs/mnist-smallcnn-miyato-fgsm-rawstart.toml"
+  [gouk-fgsm-rawstart-s1]="configs/mnist-smallcnn-gouk-fgsm-rawstart.toml"
 )
 mkdir -p runs/smallcnn
 for run in ${*:-none-fgsm-s1 fastclip-fgsm-s1}; do
