@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> float:
                 times[name].append(row["wall_time"])
                 log.info("round %d %-13s %.1f s  train acc %.3f  test acc %.3f%s", r + 1, name,
                          row["wall_time"], row["train_acc"], row["test_acc"],
-                         f"  pgd acc {row['pgd_acc']:.3f}" if "pgd_acc" in row else "")
+                         "".join(f"  {k} {row[k]:.3f}" for k in ("apgd_acc", "pgd_acc") if k in row))
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio = median["fgsm-rs"] / median["normal"]
     print(f"{base.model.name} + {base.method.name}, {args.steps} steps of {base.train.batch_size}, "

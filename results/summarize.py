@@ -106,9 +106,10 @@ def epochs_table(m: pd.DataFrame) -> pd.DataFrame:
     if "adv_eps" in m:
         shown["training eps at the epoch's end"] = m.adv_eps.map(lambda v: f"{v:.2f}")
     shown["test acc (clean)"] = m.test_acc.map(pct)
-    if "pgd_acc" in m:
-        shown["PGD-10 acc at 0.3 (monitor)"] = m.pgd_acc.map(pct)
-        shown["catastrophic overfitting"] = m.catastrophic_overfitting.map(lambda v: "yes" if v else "no")
+    for key, label in (("apgd_acc", "APGD-CE-10"), ("pgd_acc", "PGD-10")):
+        if key in m:
+            shown[f"{label} acc at 0.3 (monitor)"] = m[key].map(pct)
+            shown["catastrophic overfitting"] = m.catastrophic_overfitting.map(lambda v: "yes" if v else "no")
     sigmas = m[[c for c in m.columns if c.startswith("sigma/")]]
     if len(sigmas.columns):
         shown["largest tracked sigma"] = sigmas.max(axis=1).map(lambda v: f"{v:.3f}")

@@ -71,6 +71,7 @@ class MethodConfig:
 ATTACKS = ("none", "fgsm-rs", "n-fgsm", "pgd")
 ADVERSARIAL_LOSSES = ("adversarial", "trades")
 BN_MODES = ("train", "eval")
+MONITOR_ATTACKS = ("apgd-ce", "pgd")
 LOSSES = ("cross-entropy", "lipschitz-margin")
 MARGIN_BOUNDS = ("auto", "sound")
 OPTIMIZERS = ("sgd", "adam")
@@ -94,10 +95,12 @@ class AdversarialConfig:
     KL(p(x) || p(x_adv)), the examples maximising the KL).  bn_mode: BatchNorm while
     crafting: "train" (batch statistics, running ones left alone; Wong et al.'s and
     Madry's code) or "eval" (running statistics; TRADES' code).  monitor_samples: the
-    last N test samples (clear of the first ones that evaluations take) on which
-    PGD-monitor_steps accuracy at eps is measured each epoch (``pgd_acc``, with FGSM-RS's
-    ``fgsm_acc`` beside it; 0: off); a drop of more than overfit_drop below the most
-    robust earlier epoch, or FGSM-RS accuracy more than overfit_gap above PGD's, is flagged as
+    last N test samples (clear of the first ones that evaluations take) on which the
+    accuracy under monitor_attack ("apgd-ce", the default: torchattacks' APGD with the
+    cross-entropy, AutoAttack's first stage; or "pgd") of monitor_steps steps at eps is
+    measured each epoch (``apgd_acc`` or ``pgd_acc``, with FGSM-RS's ``fgsm_acc`` beside
+    it; 0: off); a drop of more than overfit_drop below the most robust earlier epoch, or
+    FGSM-RS accuracy more than overfit_gap above the monitor attack's, is flagged as
     catastrophic overfitting.  early_stop: the first epoch flagged at the full eps after
     an unflagged one at the full eps ends the run unsaved, last.pt keeping the epoch
     before (Wong et al. 2020's early stopping).  clip_start: whether the random start is
@@ -115,6 +118,7 @@ class AdversarialConfig:
     beta: float = 6.0
     bn_mode: str = "train"
     monitor_samples: int = 256
+    monitor_attack: str = "apgd-ce"
     monitor_steps: int = 10
     overfit_drop: float = 0.2
     overfit_gap: float = 0.3
@@ -265,7 +269,8 @@ def _check_losses(tc: TrainConfig, where: str) -> None:
                               ("train.schedule", tc.schedule, SCHEDULES),
                               ("train.adversarial.attack", adv.attack, ATTACKS),
                               ("train.adversarial.loss", adv.loss, ADVERSARIAL_LOSSES),
-                              ("train.adversarial.bn_mode", adv.bn_mode, BN_MODES)]:
+                              ("train.adversarial.bn_mode", adv.bn_mode, BN_MODES),
+                              ("train.adversarial.monitor_attack", adv.monitor_attack, MONITOR_ATTACKS)]:
         if value not in valid:
             raise _unknown("value", value, valid, f" for {key}{where}")
     if tc.loss == "lipschitz-margin" and not tc.eps_cert > 0:

@@ -8,9 +8,10 @@ A run directory holds:
   test_acc (accuracies as fractions in [0, 1]; train_loss is the loss the optimiser
   minimised, train_acc the accuracy of the logits robustclip.objectives scores: on the
   adversarial examples for adversarial training's "adversarial" loss, on the clean
-  images otherwise), with adversarial training fgsm_acc and pgd_acc (FGSM-RS and PGD
-  accuracy on held-out test samples), catastrophic_overfitting (1 when PGD accuracy fell
-  or trails FGSM-RS's far behind, see robustclip.adversarial.OverfittingMonitor) and
+  images otherwise), with adversarial training fgsm_acc and apgd_acc (or pgd_acc: FGSM-RS
+  and APGD-CE or PGD accuracy on held-out test samples), catastrophic_overfitting (1 when
+  the latter fell or trails FGSM-RS's far behind, see
+  robustclip.adversarial.OverfittingMonitor) and
   adv_eps (the eps of the epoch's last step), ``sigma/<layer>`` (each tracked layer's
   top-k singular values, ``sigma/<layer>/i`` for i > 1), lr (at the epoch's first step),
   wall_time (seconds the epoch took, training and testing);
@@ -484,7 +485,7 @@ def _monitor(config: Config, test_set: TensorDataset, ctx: Context) -> Overfitti
     # FGSM-RS at the training attack's step (its default step when training with PGD or N-FGSM)
     fgsm_step = step_ratio("fgsm-rs", 1, adv.step_size if adv.attack == "fgsm-rs" else 0.0, adv.eps)
     return OverfittingMonitor(x, y, adv.eps, adv.monitor_steps, adv.overfit_drop, seed, ctx,
-                              adv.overfit_gap, fgsm_step)
+                              adv.overfit_gap, fgsm_step, adv.monitor_attack)
 
 
 def _stops_early(config: Config, row: dict[str, Any], history: list[dict[str, Any]]) -> bool:
@@ -509,13 +510,13 @@ def _stops_early(config: Config, row: dict[str, Any], history: list[dict[str, An
 def _robustness(monitor: OverfittingMonitor | None, objective: Objective, model: nn.Module,
                 epoch: int, steps: int, history: list[dict[str, Any]]) -> dict[str, Any]:
     """An adversarial run's metrics of the epoch ending after ``steps`` training steps:
-    fgsm_acc, pgd_acc and catastrophic_overfitting (with a monitor), adv_eps."""
+    fgsm_acc, apgd_acc or pgd_acc and catastrophic_overfitting (with a monitor), adv_eps."""
     if not objective.adversarial:
         return {}
     row: dict[str, Any] = {}
     if monitor is not None:
         row |= monitor.accuracy(model)
-        earlier = [(r["epoch"], r["pgd_acc"]) for r in history if r.get("pgd_acc") is not None]
+        earlier = [(r["epoch"], r[monitor.key]) for r in history if r.get(monitor.key) is not None]
         best = max(earlier, key=lambda e: e[1], default=None)  # the most robust (the first on ties)
         row["catastrophic_overfitting"] = int(monitor.check(epoch, row, best))
     return row | {"adv_eps": objective.eps(steps - 1)}
@@ -558,7 +559,7 @@ def _warn_if_never_clipped(model: nn.Module, steps: int) -> None:
 
 def _log_tensorboard(writer: Any, row: dict[str, Any], model: nn.Module, step: int) -> None:
     """Epoch scalars at the global step; each wrapper's sigmas unless it logged this step."""
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "fgsm_acc", "pgd_acc"):
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "fgsm_acc", "apgd_acc", "pgd_acc"):
         if key in row:
             writer.add_scalar(key.replace("_", "/", 1), row[key], step)
     writer.add_scalar("lr", row["lr"], step)

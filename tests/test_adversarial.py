@@ -232,20 +232,24 @@ def test_eps_warms_up_linearly_and_pgd_accuracy_is_recorded(tmp_path):
                 tmp_path / "run")
     table = rows(run)  # 2 steps per epoch, a ramp over 4 steps
     assert [float(r["adv_eps"]) for r in table] == pytest.approx([0.05, 0.1, 0.1])
-    assert all(0 <= float(r["pgd_acc"]) <= 1 and r["catastrophic_overfitting"] == "0" for r in table)
+    assert all(0 <= float(r["apgd_acc"]) <= 1 and r["catastrophic_overfitting"] == "0" for r in table)
+    assert "pgd_acc" not in table[0]
 
 
-def test_catastrophic_overfitting_is_flagged(tmp_path, caplog):
+@pytest.mark.parametrize("attack, key, label", [("apgd-ce", "apgd_acc", "APGD-CE-10"),
+                                               ("pgd", "pgd_acc", "PGD-10")])
+def test_catastrophic_overfitting_is_flagged(tmp_path, caplog, attack, key, label):
     """A purpose-built collapse: two epochs of FGSM-RS training, then an lr 100 times
-    larger (StepLR) wrecks the model; its PGD accuracy falls (measured: 0.47 -> 0.06)."""
+    larger (StepLR) wrecks the model; the monitor attack's accuracy falls (measured: PGD-10
+    0.47 -> 0.06)."""
     config = tiny("none", "train.epochs=3", "train.step_size=2", "train.gamma=100", *FGSM,
-                  "train.adversarial.monitor_samples=64")
+                  "train.adversarial.monitor_samples=64", f"train.adversarial.monitor_attack={attack}")
     with caplog.at_level("WARNING", logger="robustclip.adversarial"):
         run = train(config, tmp_path / "run")
     table = rows(run)
     assert [r["catastrophic_overfitting"] for r in table] == ["0", "0", "1"]
-    assert float(table[1]["pgd_acc"]) > float(table[2]["pgd_acc"]) + 0.2
-    assert "epoch 2: PGD-10 accuracy at eps 0.1 on 64 held-out test samples fell" in caplog.text
+    assert float(table[1][key]) > float(table[2][key]) + 0.2
+    assert f"epoch 2: {label} accuracy at eps 0.1 on 64 held-out test samples fell" in caplog.text
     assert "catastrophic overfitting" in caplog.text
 
 
@@ -292,9 +296,13 @@ def _acc(pgd: float, fgsm: float | None = None) -> dict[str, float]:
     return {"pgd_acc": pgd, "fgsm_acc": pgd if fgsm is None else fgsm}
 
 
+def _pgd_monitor(eps: float) -> OverfittingMonitor:
+    return OverfittingMonitor(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long), eps, 10, 0.2, 0,
+                              Context(), attack="pgd")
+
+
 def test_overfitting_rule_is_a_drop_of_more_than_the_threshold(caplog):
-    x = torch.zeros(4, 1, 2, 2)
-    monitor = OverfittingMonitor(x, torch.zeros(4, dtype=torch.long), 0.1, 10, 0.2, 0, Context())
+    monitor = _pgd_monitor(0.1)
     with caplog.at_level("WARNING", logger="robustclip.adversarial"):
         assert not monitor.check(0, _acc(0.0), None)  # no previous epoch
         assert not monitor.check(1, _acc(0.3), (0, 0.5))  # a drop of exactly 0.2
@@ -319,8 +327,7 @@ def test_a_slow_slide_is_flagged_against_the_most_robust_epoch():
     pgd = [float(r["pgd_acc"]) for r in rows]
     assert min(b - a for a, b in zip(pgd, pgd[1:])) >= -0.2  # the previous-epoch rule never fires
     assert [int(r["epoch"]) for r in rows if r["catastrophic_overfitting"] == "1"] == [0]
-    monitor = OverfittingMonitor(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long), 0.3, 10, 0.2, 0,
-                                 Context())
+    monitor = _pgd_monitor(0.3)
 
     class Replay:  # the objective's part the rule reads
         adversarial = True
@@ -338,8 +345,7 @@ def test_a_slow_slide_is_flagged_against_the_most_robust_epoch():
 def test_overfitting_rule_is_a_gap_between_fgsm_and_pgd(caplog):
     """FGSM-RS accuracy more than ``gap`` (default 0.3) above PGD's on the same points is
     flagged from the first epoch, with no PGD accuracy to lose."""
-    x = torch.zeros(4, 1, 2, 2)
-    monitor = OverfittingMonitor(x, torch.zeros(4, dtype=torch.long), 0.3, 10, 0.2, 0, Context())
+    monitor = _pgd_monitor(0.3)
     with caplog.at_level("WARNING", logger="robustclip.adversarial"):
         assert not monitor.check(0, _acc(0.5, 0.8), None)  # a gap of exactly 0.3
         assert caplog.text == ""
@@ -348,18 +354,38 @@ def test_overfitting_rule_is_a_gap_between_fgsm_and_pgd(caplog):
     assert "fell from" not in caplog.text
 
 
-def test_monitor_measures_fgsm_at_least_as_accurate_as_pgd_on_the_same_points():
-    """On a fixed model, FGSM-RS (one step from the start PGD starts from) leaves at least
-    as many points as PGD-10 here, and a model made constant leaves its accuracy to both."""
+@pytest.mark.parametrize("attack, key", [("apgd-ce", "apgd_acc"), ("pgd", "pgd_acc")])
+def test_monitor_measures_fgsm_at_least_as_accurate_as_the_monitor_attack(attack, key):
+    """On a fixed model, FGSM-RS (one step) leaves at least as many points as the 10-step
+    attack here, and a model made constant leaves its accuracy to both."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
-    monitor = OverfittingMonitor(x, y, 0.1, 10, 0.2, 0, Context())
+    monitor = OverfittingMonitor(x, y, 0.1, 10, 0.2, 0, Context(), attack=attack)
     measured = monitor.accuracy(model)
-    assert set(measured) == {"fgsm_acc", "pgd_acc"}
-    assert 0 <= measured["pgd_acc"] <= measured["fgsm_acc"] <= 1
+    assert set(measured) == {"fgsm_acc", key}
+    assert 0 <= measured[key] <= measured["fgsm_acc"] < 1
     with torch.no_grad():
         model[1].weight.zero_()
         model[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
     expected = float((y == 0).double().mean())
-    assert monitor.accuracy(model) == {"fgsm_acc": expected, "pgd_acc": expected}
+    assert monitor.accuracy(model) == {"fgsm_acc": expected, key: expected}
+
+
+def test_apgd_monitor_is_torchattacks_apgd_and_leaves_the_callers_rng_alone():
+    """The APGD-CE monitor counts what torchattacks' APGD (the seed's start, 10 steps)
+    leaves on the held-out points, the same every epoch, and torch's global random stream
+    continues as if the monitor had not run (APGD reseeds it: the monitor forks it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    monitor = OverfittingMonitor(x, y, 0.1, 10, 0.2, 7, Context())
+    torch.manual_seed(1)
+    measured = monitor.accuracy(model)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after)
+    with torch.random.fork_rng():
+        adv = torchattacks.APGD(model, norm="Linf", eps=0.1, steps=10, n_restarts=1, seed=7, loss="ce")(x, y)
+    assert measured["apgd_acc"] == float((model(adv).argmax(1) == y).double().mean())
+    assert monitor.accuracy(model) == measured

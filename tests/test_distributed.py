@@ -218,7 +218,7 @@ def test_adversarial_and_margin_training_on_two_ranks_match_one_process(tmp_path
     trades = tiny("plain", "fastclip", "train.limit_train=91", "train.lr=0.05", "train.epochs=1",
                   "train.adversarial.attack=pgd", "train.adversarial.steps=2",
                   "train.adversarial.eps=0.1", "train.adversarial.loss=trades",
-                  "train.adversarial.monitor_samples=16")
+                  "train.adversarial.monitor_samples=16", "train.adversarial.monitor_attack=pgd")
     margin = tiny("plain", "none", "train.limit_train=91", "train.lr=0.05", "train.epochs=1",
                   "train.loss=lipschitz-margin", "train.eps_cert=0.5")
     for i in range(2):

@@ -131,7 +131,7 @@ ADAM_CYCLIC = ["train.optimizer=adam", "train.schedule=cyclic", "train.lr=0.01"]
 @pytest.mark.parametrize("extra", [[], ADVERSARIAL, ADAM_CYCLIC], ids=["plain", "adversarial", "adam-cyclic"])
 def test_resume_after_sigkill_is_exact(tmp_path, extra):
     """Kill a run mid-training, resume it: same weights, optimiser and metrics, bit for bit
-    (with FGSM-RS training too: random starts, eps warm-up, the PGD monitor; and with Adam
+    (with FGSM-RS training too: random starts, eps warm-up, the APGD-CE monitor; and with Adam
     on the per-step cyclic schedule)."""
     config = tiny("fastclip-composite", "train.epochs=10", "train.limit_train=160", *extra)
     (tmp_path / "c.toml").write_text(to_toml(config))
@@ -160,7 +160,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, extra):
     strip = lambda table: [{k: v for k, v in r.items() if k != "wall_time"} for r in table]  # noqa: E731
     assert strip(rows(tmp_path / "whole")) == strip(rows(tmp_path / "killed"))
     assert len(rows(tmp_path / "killed")) == 10
-    assert ("pgd_acc" in rows(tmp_path / "killed")[0]) == (extra == ADVERSARIAL)
+    assert ("apgd_acc" in rows(tmp_path / "killed")[0]) == (extra == ADVERSARIAL)
 
 
 def test_cyclic_schedule_is_wong_et_al_triangle_set_every_step(tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def craft_seed(seed: int, spec: AttackSpec, batch: int) -> int:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's RNG for one attack call without disturbing the caller's RNG state."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -79,7 +79,7 @@ def craft(model: nn.Module, spec: AttackSpec, x: Tensor, y: Tensor, seed: int) -
     x_adv = x
     for r in range(restarts):
         s = batch_seed(seed, r)
-        with _seeded(s, x.device):
+        with seeded(s, x.device):
             adv = spec.build(model, s, n_classes)(x[todo], y[todo]).detach()
         x_adv = adv if r == 0 else x_adv.index_copy(0, todo, adv)
         if r + 1 < restarts:
