@@ -220,6 +220,19 @@ def probe_section(folder: Path) -> list[str]:
             f"{len(set(held))} variants).", "", markdown(shown), ""]
 
 
+def monitor_section(folder: Path) -> list[str]:
+    """results/monitor_attacks.py's table: the overfitting monitor's attacks on trained runs."""
+    m = pd.read_csv(folder / "monitor.csv")
+    shown = pd.DataFrame({"run": m.run, "attack": m.attack, "FGSM-RS": m.fgsm_acc.map(pct),
+                          "attack's accuracy": m.attack_acc.map(pct),
+                          "gap (flagged above 0.3)": (m.fgsm_acc - m.attack_acc).map(lambda v: f"{v:.3f}"),
+                          "seconds": m.seconds.map(lambda v: f"{v:.1f}")})
+    return ["## The overfitting monitor's attack: PGD against APGD-CE", "",
+            f"Command: `{folder.name}/command.txt` (`results/monitor_attacks.py`: the monitor "
+            f"of each run's own training, its {int(m.points.iloc[0])} held-out test images and "
+            "seed, on its last checkpoint, one CPU thread).", "", markdown(shown), ""]
+
+
 def render() -> str:
     main_rows = pd.DataFrame(json.loads((HERE / "mnist-simpleconv/results.json").read_text()))
     final = pd.read_csv(HERE / "training/final_epoch.csv")
@@ -322,6 +335,8 @@ def render() -> str:
                                  "results/train_lipnet.sh", training=False)
     if (HERE / "lipnet-gain/network_gain.csv").exists():
         parts += gain_section(HERE / "lipnet-gain")
+    if (HERE / "monitor-attacks/monitor.csv").exists():
+        parts += monitor_section(HERE / "monitor-attacks")
     if (HERE / "lipnet-rescale-probe/probe.csv").exists():
         parts += probe_section(HERE / "lipnet-rescale-probe")
     parts += ["## What the numbers say", "", (HERE / "FINDINGS.md").read_text()]

@@ -138,8 +138,9 @@ class OverfittingMonitor:
     process's) or "pgd" (``steps`` steps of 2.5 eps / steps from the FGSM-RS start).
     APGD is the default because PGD-10 overstates an overfitting model (measured on the
     256 held-out points of the wide smallcnn FGSM-RS-trained for 20 epochs: PGD-10 63.7%,
-    APGD-CE-10 42.2%, FGSM-RS 93.4%, so the gap rule below fires with APGD and not with
-    PGD; on the healthy 10-epoch run, 88.7% and 87.5%), at the same cost per step.
+    APGD-CE-10 41.8%, FGSM-RS 93.4%, so the gap rule below fires with APGD and not with
+    PGD; on the healthy 10-epoch run, 88.7% and 87.9%; results/monitor-attacks), at about
+    the same cost per step.
     Its accuracy is ``key`` ("apgd_acc" or "pgd_acc") in the epoch's metrics.
 
     Two rules, each an epoch of catastrophic overfitting:
