@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -28,10 +27,10 @@ import torch.nn as nn
 from robustclip.bounds import lipschitz_report
 from robustclip.checkpoint import load_runs
 from robustclip.data import data_source, test_set
-from robustclip.environment import write_environment
-from robustclip.files import atomic_write
 from robustclip.models import wrappers
 from robustclip.spectral import singular_values
+
+from tables import save_tables  # results/tables.py, beside this file
 
 RADIUS = 1.58
 
@@ -102,11 +101,7 @@ def main() -> None:
                          "fraction_with_that_gap": float((gap >= needed).float().mean())})
         print(pd.DataFrame([r for r in layers if r["model"] == name]).to_string(index=False))
         print(networks[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "layer_gain.csv", lambda tmp: pd.DataFrame(layers).to_csv(tmp, index=False))
-    atomic_write(out / "network_gain.csv", lambda tmp: pd.DataFrame(networks).to_csv(tmp, index=False))
-    write_environment(out)
+    save_tables(args.out, {"layer_gain.csv": layers, "network_gain.csv": networks})
 
 
 if __name__ == "__main__":

@@ -15,16 +15,15 @@ import argparse
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from robustclip.checkpoint import load
 from robustclip.config import load_config, override
 from robustclip.data import load as load_data
 from robustclip.distributed import Context
-from robustclip.environment import write_environment
-from robustclip.files import atomic_write
 from robustclip.train import _monitor
+
+from tables import save_tables  # results/tables.py, beside this file
 
 ATTACKS = [("pgd", 10), ("apgd-ce", 10), ("apgd-ce", 20), ("apgd-ce", 50)]
 
@@ -48,10 +47,7 @@ def main() -> None:
             rows.append({"run": run.name, "attack": monitor.label, "points": monitor.total,
                          "fgsm_acc": measured["fgsm_acc"], "attack_acc": measured[monitor.key],
                          "seconds": time.perf_counter() - start})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "monitor.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
-    write_environment(out)
+    save_tables(args.out, {"monitor.csv": rows})
 
 
 if __name__ == "__main__":

@@ -16,18 +16,15 @@ results/layer_gain.py); writes them to probe.csv, with environment.json.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from robustclip.data import load
-from robustclip.environment import write_environment
-from robustclip.files import atomic_write
 from robustclip.models import build_model, wrappers
 
 import layer_gain  # results/layer_gain.py, beside this file
+from tables import save_tables  # results/tables.py
 
 
 #: (per-step rescale, clip_steps) of each variant
@@ -71,10 +68,7 @@ def main() -> None:
     xt, yt = load("mnist", "test", limit=2000).tensors
     rows = [r for rescale, clip_steps in VARIANTS
             for r in train(rescale, clip_steps, args.steps, args.lr, args.temperature, x, y, xt, yt)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "probe.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
-    write_environment(out)
+    save_tables(args.out, {"probe.csv": rows})
 
 
 if __name__ == "__main__":
