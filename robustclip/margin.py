@@ -15,7 +15,7 @@ sqrt of the sum of squares over a cat), with these factors:
   BatchNorm taken as the training forward applies it (below); otherwise (*tracked*)
   its tracked sigma as a differentiable function of the weights, ||A v|| for the
   wrapper's current top singular vector v (held fixed: a Rayleigh-quotient estimate, as
-  Miyato et al.'s);
+  Miyato et al.'s; a conv + BN's BatchNorm again as the training forward applies it);
 * a BatchNorm that no wrapper holds: max |gamma| / sqrt(var + eps), its exact norm
   (differentiable in gamma);
 * everything without trainable weights (the input normalisation, activations, pooling,
@@ -23,14 +23,15 @@ sqrt of the sum of squares over a cat), with these factors:
   GroupSort, flatten, pixel unshuffle; max-pool and average-pool bounds; 1/std for the
   normalisation).  A layer with trainable weights that no wrapper tracks is refused.
 
-A BatchNorm's var (alone or in a conv + BN) is, in training mode, the batch variance its
-last forward normalised with (biased, per channel, differentiable in the weights before
-it; recorded by a forward pre-hook), and in eval mode its running variance.  The batch's,
+A BatchNorm's var (a lone one, or one in a conv + BN in sound and tracked mode) is, in
+training mode, the batch variance its last forward normalised with (biased, per channel,
+differentiable in the weights before it; recorded by a forward pre-hook), and in eval
+mode its running variance.  The batch's,
 because that is the map the training forward applies: with the running variance (a
 buffer, no gradient) the bound of a conv + BN grows linearly with the conv's weights while
 the forward, which divides by the batch's statistics, does not change, and the margin
 shrinks the weights for nothing.  The certificate, at evaluation, uses the running
-variance.  (Tracked mode's ||A v|| of a conv + BN still takes the running one.)
+variance.
 
 Constant mode is used when every wrapper clips and no BatchNorm lies outside one: L is
 then the product of the clip targets and the constant factors, fixed for the run.  It
@@ -81,15 +82,21 @@ def margin_logits(logits: Tensor, y: Tensor, L: Value, eps_cert: float) -> Tenso
     return logits + (math.sqrt(2) * eps_cert) * L * others
 
 
-def _sigma(wrapper: nn.Module) -> Tensor:
+def _sigma(wrapper: nn.Module, bn_scale: Tensor | None = None) -> Tensor:
     """||A v|| for the wrapper's top tracked vector v (unit norm, detached): differentiable
-    in the weights, <= sigma_1, equal to it when v is the top singular vector."""
+    in the weights, <= sigma_1, equal to it when v is the top singular vector.  bn_scale
+    (C,): a conv + BN's per-channel scale to apply after the conv instead of its BatchNorm
+    in eval mode."""
     if wrapper.vectors.numel() == 0:
         raise RobustclipError(f"{wrapper.name}: no tracked singular vector yet (run a training "
                               f"forward first)")
     v = wrapper.vectors[0].detach()
+    v = (v / v.norm()).unsqueeze(0)
     with eval_mode(wrapper.module):
-        return linear_map(wrapper.module, tuple(v.shape))((v / v.norm()).unsqueeze(0)).norm()
+        if bn_scale is None:
+            return linear_map(wrapper.module, tuple(v.shape[1:]))(v).norm()
+        out = linear_map(_layers(wrapper.module)[0], tuple(v.shape[1:]))(v)
+        return (out * bn_scale.reshape((1, -1) + (1,) * (out.dim() - 2))).norm()
 
 
 class _BatchVariances:
@@ -224,18 +231,18 @@ class TrainingBound:
     def _factor(self, wrapper: nn.Module, shape: tuple[int, ...]) -> Value:
         if self.constant:
             return wrapper.clip
+        layers = _layers(wrapper.module)
+        bn = layers[1] if len(layers) == 2 and isinstance(layers[1], _BATCHNORMS) else None
+        bn_scale = None if bn is None else self.batch.scale(bn)
         if self.sound:
             dtype = next(wrapper.module.parameters()).dtype
-            layers = _layers(wrapper.module)
-            bn = layers[1] if len(layers) == 2 and isinstance(layers[1], _BATCHNORMS) else None
             try:
-                return differentiable_bound(wrapper.module, shape, None if bn is None else
-                                            self.batch.scale(bn)).to(dtype)
+                return differentiable_bound(wrapper.module, shape, bn_scale).to(dtype)
             except torch.linalg.LinAlgError as err:  # non-finite weights: the training diverged
                 raise RobustclipError(f"lipschitz-margin: no sound bound of {wrapper.name}: "
                                       f"{str(err).splitlines()[0]}; the training diverged? "
                                       f"lower train.lr") from None
-        return _sigma(wrapper)
+        return _sigma(wrapper, bn_scale)
 
     def __call__(self) -> Value:
         if self.constant:
