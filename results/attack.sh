@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_composite] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [smallcnn_baselines] [certified] [certified_long] [certified_e24] [certified_composite]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_composite] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [smallcnn_baselines] [certified] [certified_long] [certified_e24] [certified_composite] [certified_gouk]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -164,9 +164,12 @@ certified_composite() {  # lipnet-composite + fastclip-composite, 8 epochs, its 
   # priced by the batch's variance in training (7fce4e2)
   certified_runs results/lipnet-certified-composite results/lipnet-certified-composite-full composite-margin-batch-s1
 }
+certified_gouk() {  # lipnet + gouk, 8 epochs
+  certified_runs results/lipnet-certified-gouk results/lipnet-certified-gouk-full gouk-margin-s1
+}
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_composite lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 smallcnn_baselines certified certified_long certified_e24 certified_composite}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_composite lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 smallcnn_baselines certified certified_long certified_e24 certified_composite certified_gouk}"; do
   for p in $part; do "$p"; done
 done

@@ -319,7 +319,9 @@ def render() -> str:
                                "epochs: lipnet + none, Lipschitz margin at L2 1.58"),
                               ("lipnet-certified-composite", "certified_composite", "Certified "
                                "training: lipnet-composite + fastclip-composite, Lipschitz margin "
-                               "at L2 1.58")]:
+                               "at L2 1.58"),
+                              ("lipnet-certified-gouk", "certified_gouk", "Certified training: "
+                               "lipnet + gouk, Lipschitz margin at L2 1.58")]:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_certified.sh")
             parts += whole_test_set_section(HERE / f"{name}-full")
