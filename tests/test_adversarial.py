@@ -179,6 +179,7 @@ def test_bn_mode_train_uses_batch_statistics_without_updating_them():
     ("train.margin_temperature=0", r"train.margin_temperature must be > 0"),
     ("train.adversarial.loss=trade", r"unknown value 'trade' for train.adversarial.loss.*'trades'"),
     ("train.adversarial.bn_mode=training", r"unknown value 'training' for train.adversarial.bn_mode"),
+    ("train.adversarial.monitor_attack=apgd", r"unknown value 'apgd' for train.adversarial.monitor_attack.*valid: apgd-ce, pgd"),
     ("train.adversarial.eps=1.5", r"train.adversarial.eps must be in \(0, 1\]"),
     ("train.adversarial.eps=0", r"train.adversarial.eps must be in \(0, 1\]"),
     ("train.adversarial.eps=-0.1", r"train.adversarial.eps must be >= 0"),
