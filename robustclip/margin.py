@@ -26,12 +26,11 @@ sqrt of the sum of squares over a cat), with these factors:
 A BatchNorm's var (a lone one, or one in a conv + BN in sound and tracked mode) is, in
 training mode, the batch variance its last forward normalised with (biased, per channel,
 differentiable in the weights before it; recorded by a forward pre-hook), and in eval
-mode its running variance.  The batch's,
-because that is the map the training forward applies: with the running variance (a
-buffer, no gradient) the bound of a conv + BN grows linearly with the conv's weights while
-the forward, which divides by the batch's statistics, does not change, and the margin
-shrinks the weights for nothing.  The certificate, at evaluation, uses the running
-variance.
+mode its running variance.  The batch's, because that is the map the training forward
+applies: with the running variance (a buffer, no gradient) the bound of a conv + BN
+grows linearly with the conv's weights while the forward, which divides by the batch's
+statistics, does not change, and the margin shrinks the weights for nothing.  The
+certificate, at evaluation, uses the running variance.
 
 Constant mode is used when every wrapper clips and no BatchNorm lies outside one: L is
 then the product of the clip targets and the constant factors, fixed for the run.  It
@@ -69,7 +68,7 @@ from torch import Tensor
 from robustclip.bounds import _ADDS, _Walker, _ValueProp, _dependent, _shape, trace
 from robustclip.errors import RobustclipError
 from robustclip.spectral import _BATCHNORMS, _unwrap, eval_mode, linear_map
-from robustclip.upper_bounds import _layers, differentiable_bound
+from robustclip.upper_bounds import _bn_scale, _layers, differentiable_bound
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def _sigma(wrapper: nn.Module, bn_scale: Tensor | None = None) -> Tensor:
         if bn_scale is None:
             return linear_map(wrapper.module, tuple(v.shape[1:]))(v).norm()
         out = linear_map(_layers(wrapper.module)[0], tuple(v.shape[1:]))(v)
-        return (out * bn_scale.reshape((1, -1) + (1,) * (out.dim() - 2))).norm()
+        return (out * bn_scale.to(out.dtype).reshape((1, -1) + (1,) * (out.dim() - 2))).norm()
 
 
 class _BatchVariances:
@@ -114,17 +113,20 @@ class _BatchVariances:
             x = args[0]
             self.var[bn] = x.var(dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
 
-    def scale(self, bn: nn.Module) -> Tensor:
-        """gamma / sqrt(var + eps) (C,): var the batch's in training mode, else the running one."""
+    def of(self, bn: nn.Module) -> Tensor | None:
+        """The batch variance (C,) in training mode; None in eval mode (the running one)."""
         if not bn.training:
-            var = bn.running_var
-        elif bn in self.var:
-            var = self.var[bn]
-        else:
+            return None
+        if bn not in self.var:
             raise RobustclipError("lipschitz-margin: no batch statistics since the bound was "
                                   "last taken (take it once after each training forward)")
-        scale = torch.rsqrt(var + bn.eps)
-        return scale if bn.weight is None else bn.weight * scale
+        return self.var[bn]
+
+
+def _composite_bn(module: nn.Module) -> nn.Module | None:
+    """The BatchNorm of a conv + BN wrapper's module; None for any other."""
+    layers = _layers(module)
+    return layers[1] if len(layers) == 2 and isinstance(layers[1], _BATCHNORMS) else None
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -196,7 +198,7 @@ class TrainingBound:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if getattr(module, "is_spectral_wrapper", False):
-                return ("wrapper", node, deps[0], (module, _shape(deps[0])))
+                return ("wrapper", node, deps[0], (module, _shape(deps[0]), _composite_bn(module)))
             if isinstance(_unwrap(module), _BATCHNORMS) and module.running_var is not None:
                 return ("bn", node, deps[0], _unwrap(module))
             if _trainable(module):
@@ -223,26 +225,25 @@ class TrainingBound:
             elif op == "wrapper":
                 L[node] = self._factor(*payload) * L[inputs]
             elif op == "bn":
-                L[node] = self.batch.scale(payload).abs().max() * L[inputs]
+                scale = _bn_scale(payload, self.batch.of(payload))
+                L[node] = scale.abs().max().to(payload.running_var.dtype) * L[inputs]
             else:
                 L[node] = payload * L[inputs]
         raise RobustclipError("lipschitz-margin: the model has no output")
 
-    def _factor(self, wrapper: nn.Module, shape: tuple[int, ...]) -> Value:
+    def _factor(self, wrapper: nn.Module, shape: tuple[int, ...], bn: nn.Module | None) -> Value:
         if self.constant:
             return wrapper.clip
-        layers = _layers(wrapper.module)
-        bn = layers[1] if len(layers) == 2 and isinstance(layers[1], _BATCHNORMS) else None
-        bn_scale = None if bn is None else self.batch.scale(bn)
+        var = None if bn is None else self.batch.of(bn)  # None: the running variance
         if self.sound:
             dtype = next(wrapper.module.parameters()).dtype
             try:
-                return differentiable_bound(wrapper.module, shape, bn_scale).to(dtype)
+                return differentiable_bound(wrapper.module, shape, var).to(dtype)
             except torch.linalg.LinAlgError as err:  # non-finite weights: the training diverged
                 raise RobustclipError(f"lipschitz-margin: no sound bound of {wrapper.name}: "
                                       f"{str(err).splitlines()[0]}; the training diverged? "
                                       f"lower train.lr") from None
-        return _sigma(wrapper, bn_scale)
+        return _sigma(wrapper, None if var is None else _bn_scale(bn, var))
 
     def __call__(self) -> Value:
         if self.constant:

@@ -129,10 +129,12 @@ def _is_eval_bn(module: nn.Module) -> bool:
     return isinstance(module, _BATCHNORMS) and module.running_var is not None
 
 
-def _bn_scale(bn: nn.Module) -> Tensor:
-    """gamma / sqrt(running_var + eps) per channel, (C,), computed in float64 and
-    differentiable in gamma (take it under ``torch.no_grad`` for a number)."""
-    scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+def _bn_scale(bn: nn.Module, var: Tensor | None = None) -> Tensor:
+    """gamma / sqrt(var + eps) per channel, (C,), computed in float64 and differentiable in
+    gamma (take it under ``torch.no_grad`` for a number); var: the running variance unless
+    given (a training batch's, differentiable in what produced it)."""
+    var = bn.running_var.detach() if var is None else var
+    scale = torch.rsqrt(var.double() + bn.eps)
     return scale if bn.weight is None else scale * bn.weight.double()
 
 
@@ -284,12 +286,12 @@ def _kernel_spectrum(w: Tensor, grid: Sequence[int], dilation: Sequence[int],
 
 
 def differentiable_bound(module: nn.Module, input_shape: Sequence[int],
-                         bn_scale: Tensor | None = None) -> Tensor:
+                         bn_var: Tensor | None = None) -> Tensor:
     """The bound :func:`operator_upper_bound` gives a Linear, a conv or a conv + eval-mode
     BatchNorm (without the rounding SAFETY), as a 0-dim float64 tensor differentiable in
     the weights (and the BatchNorm's gamma), for training against the certificate's bound.
-    bn_scale (C,): a conv + BatchNorm's per-channel scale to use instead of the eval-mode
-    gamma / sqrt(running_var + eps) (the training forward's, from its batch statistics).
+    bn_var (C,): a conv + BatchNorm's variance to use instead of its running one (the
+    training forward's batch variance).
 
     The top singular pair (u, v) of the matrix whose norm is the bound is found without
     gradient (a dense layer's from the top eigenvector of its smaller Gram matrix); the
@@ -300,7 +302,7 @@ def differentiable_bound(module: nn.Module, input_shape: Sequence[int],
     """
     layers, scale = _layers(module), None
     if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
-        layers, scale = layers[:1], _bn_scale(layers[1]) if bn_scale is None else bn_scale.double()
+        layers, scale = layers[:1], _bn_scale(layers[1], bn_var)
     if len(layers) == 1 and isinstance(layers[0], nn.Linear):
         w = layers[0].weight.double()
         with torch.no_grad():  # the top eigenvector of the smaller Gram matrix, the other side
