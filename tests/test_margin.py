@@ -153,8 +153,9 @@ def _batch_statistics(model: nn.Module, x: torch.Tensor
 def test_the_bound_takes_batchnorm_as_the_training_forward_applies_it(method_args, sound):
     """lipnet-composite (conv + BN wrappers, clipped or tracking only) in training mode:
     each conv + BN factor uses the batch's variance, so L is the bound of the same
-    weights with every BatchNorm's running statistics set to its batch's (with which the eval forward repeats the training forward's output):
-    the report's in sound mode, the eval-mode ||A v|| in tracked mode; and scaling a
+    weights with every BatchNorm's running statistics set to its batch's (with which the
+    eval forward repeats the training forward's output): the report's in sound mode, the
+    eval-mode ||A v|| in tracked mode; and scaling a
     conv's weights, which the forward's normalisation undoes, leaves L unchanged
     (<grad, W> ~ 0); the running variance (a buffer) made L grow linearly in them
     (<grad, W> = L), which the margin answered by shrinking the weights for nothing
