@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_composite] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [smallcnn_baselines] [certified] [certified_long] [certified_e24] [certified_composite] [certified_gouk]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_composite] [lipnet_composite_l2] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [smallcnn_baselines] [smallcnn_baselines_l2] [certified] [certified_long] [certified_e24] [certified_composite] [certified_gouk] [certified_miyato]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -76,6 +76,13 @@ lipnet_composite() {  # the FGSM-RS-trained lipnet-composite (fastclip-composite
   merged "$out"
   keep_training "$out" runs/lipnet composite-fgsm-s1
 }
+lipnet_composite_l2() {  # the same model under the standard evaluation at L2 1.0/1.58/2.0, with the
+  # certified accuracy its sound bound gives at each radius, and foolbox's L2 attacks beside it
+  local out=results/lipnet-composite-fgsm-l2 cmds=() folders=()
+  cmds=("$rc attack runs/lipnet/composite-fgsm-s1 --suite attacks/mnist-results.toml --norm L2 --limit 100 --seed 0 --out runs/eval-lipnet-l2/composite-fgsm-s1 && .venv/bin/python results/compare_l2.py runs/lipnet/composite-fgsm-s1 --limit 100 --out runs/eval-lipnet-l2/composite-fgsm-s1")
+  folders=("runs/eval-lipnet-l2/composite-fgsm-s1")
+  merged "$out"
+}
 lipnet_l2() {  # the same two lipnets under the standard evaluation at L2 1.0/1.58/2.0, with the
   # certified accuracy their sound bounds give at each radius
   local cmds=() folders=()
@@ -137,6 +144,9 @@ smallcnn_wide_e20() {  # the wide smallcnn trained for 20 epochs, Linf
 smallcnn_baselines() {  # the raw-start recipe with miyato and gouk, Linf
   smallcnn_models results/smallcnn-baselines-fgsm-rawstart Linf miyato-fgsm-rawstart-s1 gouk-fgsm-rawstart-s1
 }
+smallcnn_baselines_l2() {  # the same two at L2
+  smallcnn_models results/smallcnn-baselines-fgsm-rawstart-l2 L2 miyato-fgsm-rawstart-s1 gouk-fgsm-rawstart-s1
+}
 certified_runs() {  # certified_runs OUT FULL_OUT RUN...: the certified-trained lipnets of
   # results/train_certified.sh: the standard evaluation of the first RUN at L2 1.58 on the
   # first 100 test images with the certified accuracy of its sound bound (one budget, one
@@ -167,9 +177,12 @@ certified_composite() {  # lipnet-composite + fastclip-composite, 8 epochs, its 
 certified_gouk() {  # lipnet + gouk, 8 epochs
   certified_runs results/lipnet-certified-gouk results/lipnet-certified-gouk-full gouk-margin-s1
 }
+certified_miyato() {  # lipnet + miyato, 8 epochs
+  certified_runs results/lipnet-certified-miyato results/lipnet-certified-miyato-full miyato-margin-s1
+}
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_composite lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 smallcnn_baselines certified certified_long certified_e24 certified_composite certified_gouk}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_composite lipnet_composite_l2 lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 smallcnn_baselines smallcnn_baselines_l2 certified certified_long certified_e24 certified_composite certified_gouk certified_miyato}"; do
   for p in $part; do "$p"; done
 done

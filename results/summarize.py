@@ -307,7 +307,9 @@ def render() -> str:
             ("smallcnn-wide-fgsm-rawstart-e20", "smallcnn_wide_e20", "Adversarial training: the wide "
              "smallcnn for 20 epochs, FGSM-RS at Linf 0.3 from the raw random start"),
             ("smallcnn-baselines-fgsm-rawstart", "smallcnn_baselines", "Adversarial training: "
-             "smallcnn with miyato and gouk, FGSM-RS at Linf 0.3 from the raw random start")]:
+             "smallcnn with miyato and gouk, FGSM-RS at Linf 0.3 from the raw random start"),
+            ("smallcnn-baselines-fgsm-rawstart-l2", "smallcnn_baselines_l2", "smallcnn with miyato "
+             "and gouk at L2")]:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_smallcnn.sh",
                                      training=not name.endswith("-l2"))
@@ -321,7 +323,9 @@ def render() -> str:
                                "training: lipnet-composite + fastclip-composite, Lipschitz margin "
                                "at L2 1.58"),
                               ("lipnet-certified-gouk", "certified_gouk", "Certified training: "
-                               "lipnet + gouk, Lipschitz margin at L2 1.58")]:
+                               "lipnet + gouk, Lipschitz margin at L2 1.58"),
+                              ("lipnet-certified-miyato", "certified_miyato", "Certified training: "
+                               "lipnet + miyato, Lipschitz margin at L2 1.58")]:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_certified.sh")
             parts += whole_test_set_section(HERE / f"{name}-full")
@@ -332,6 +336,9 @@ def render() -> str:
         parts += trained_section(HERE / "lipnet-composite-fgsm", "Adversarial training: "
                                  "lipnet-composite + fastclip-composite, FGSM-RS at Linf 0.3",
                                  "lipnet_composite", "results/train_lipnet.sh")
+    if (HERE / "lipnet-composite-fgsm-l2/results.json").exists():
+        parts += trained_section(HERE / "lipnet-composite-fgsm-l2", "The same lipnet-composite at L2",
+                                 "lipnet_composite_l2", "results/train_lipnet.sh", training=False)
     if (HERE / "lipnet-fgsm-l2/results.json").exists():
         parts += trained_section(HERE / "lipnet-fgsm-l2", "The same lipnets at L2", "lipnet_l2",
                                  "results/train_lipnet.sh", training=False)

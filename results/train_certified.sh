@@ -13,7 +13,9 @@
 # - composite-margin-batch-s1: the same config from 7fce4e2 on (by the batch's variance);
 # - none-margin-e24-s1: configs/mnist-lipnet-none-margin-e24.toml, 24 epochs, lr / 10 after 18;
 # - gouk-margin-s1: configs/mnist-lipnet-gouk-margin.toml, the fastclip config with gouk's
-#   projection after every step, 8 epochs.
+#   projection after every step, 8 epochs;
+# - miyato-margin-s1: configs/mnist-lipnet-miyato-margin.toml, the fastclip config with
+#   miyato's reparametrisation, 8 epochs.
 # Two runs at a time, one thread each.
 # Run from the repository root:  bash results/train_certified.sh [RUN ...]   (default: the first two)
 set -euo pipefail
@@ -27,6 +29,7 @@ declare -A configs=(
   [composite-margin-batch-s1]="configs/mnist-lipnet-fastclip-composite-margin.toml"
   [none-margin-e24-s1]="configs/mnist-lipnet-none-margin-e24.toml"
   [gouk-margin-s1]="configs/mnist-lipnet-gouk-margin.toml"
+  [miyato-margin-s1]="configs/mnist-lipnet-miyato-margin.toml"
 )
 mkdir -p runs/lipnet
 for run in ${*:-none-margin-s1 fastclip-margin-sound-s1}; do

@@ -9,7 +9,8 @@
 #   no warm-up, no early stopping); wide: convs of 32 and 64 channels, dense 1024;
 # - wide-none-fgsm-rawstart-e20-s1: the wide run for 20 epochs;
 # - miyato-fgsm-rawstart-s1, gouk-fgsm-rawstart-s1: the raw-start recipe with the two
-#   baselines' clipping.
+#   baselines' clipping;
+# - wide-none-trades-rawstart-s1: the wide run with TRADES (beta 6) on one FGSM-RS step.
 # Two runs at a time, one thread each.
 # Run from the repository root:  bash results/train_smallcnn.sh [RUN ...]   (default: the first two)
 set -euo pipefail
@@ -24,6 +25,7 @@ declare -A configs=(
   [wide-none-fgsm-rawstart-e20-s1]="configs/mnist-smallcnn-wide-none-fgsm-rawstart-e20.toml"
   [miyato-fgsm-rawstart-s1]="configs/mnist-smallcnn-miyato-fgsm-rawstart.toml"
   [gouk-fgsm-rawstart-s1]="configs/mnist-smallcnn-gouk-fgsm-rawstart.toml"
+  [wide-none-trades-rawstart-s1]="configs/mnist-smallcnn-wide-none-trades-rawstart.toml"
 )
 mkdir -p runs/smallcnn
 for run in ${*:-none-fgsm-s1 fastclip-fgsm-s1}; do
