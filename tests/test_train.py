@@ -336,13 +336,13 @@ def test_cli_config_errors_are_one_line(tmp_path):
 
 
 CONFIG_NAME = re.compile(r"(?P<dataset>[a-z0-9]+)-(?P<model>[a-z0-9]+)(?P<wide>-wide)?-"
-                         r"(?P<method>[a-z-]+?)(-(?P<loss>fgsm|margin))?(?P<variants>(-(rawstart|long|e[0-9]+))*)")
+                         r"(?P<method>[a-z-]+?)(-(?P<loss>fgsm|trades|margin))?(?P<variants>(-(rawstart|long|e[0-9]+))*)")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_round_trip(path):
     """A config's name says what it holds: dataset-model[-wide]-method[-loss][-variant...],
-    a variant being rawstart, long or eN (N epochs)."""
+    the loss being fgsm, trades or margin, a variant rawstart, long or eN (N epochs)."""
     config = load_config(path)
     assert from_dict(tomllib.loads(to_toml(config))) == config
     name = CONFIG_NAME.fullmatch(path.stem)
@@ -350,8 +350,9 @@ def test_shipped_configs_parse_and_round_trip(path):
     assert (config.data.dataset, config.model.name.split("-")[0], config.method.name) == (
         name["dataset"], name["model"], name["method"])
     assert bool(name["wide"]) == (config.model.args.get("width", 16) > 16)
-    if name["loss"] == "fgsm":  # issue 14's settings: FGSM-RS at eps 0.3
+    if name["loss"] in ("fgsm", "trades"):  # issue 14's settings: FGSM-RS at eps 0.3
         assert (config.train.adversarial.attack, config.train.adversarial.eps) == ("fgsm-rs", 0.3)
+    assert (config.train.adversarial.loss == "trades") == (name["loss"] == "trades")
     assert (config.train.loss == "lipschitz-margin") == (name["loss"] == "margin")
     variants = name["variants"].split("-")[1:]
     assert ("rawstart" in variants) == (not config.train.adversarial.clip_start)
