@@ -52,7 +52,8 @@ ATTACKS = {"L2": (2, {"fmn_l2_200": lambda: foolbox.attacks.L2FMNAttack(steps=20
 
 def main(norm: str = "L2") -> None:
     """The command line of this script (``norm`` L2) and of compare_linf.py (Linf)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=f"Independent {norm} attacks (foolbox) on the models "
+                                "of results/, beside the standard evaluation of their headline table")
     p.add_argument("runs", nargs="+")
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--out", required=True, help="the headline folder (its results.json)")
