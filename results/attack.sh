@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluations behind results/, on the runs made by results/train.sh.
-# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_composite] [lipnet_composite_l2] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [smallcnn_baselines] [smallcnn_baselines_l2] [certified] [certified_long] [certified_e24] [certified_composite] [certified_gouk] [certified_miyato]
+# Run from the repository root:  bash results/attack.sh [main] [transfer] [ensembles] [seeds] [plots] [lipnet] [lipnet_composite] [lipnet_composite_l2] [lipnet_l2] [l2_independent] [gain] [smallcnn] [smallcnn_rawstart] [smallcnn_wide] [smallcnn_wide_l2] [smallcnn_wide_e20] [smallcnn_baselines] [smallcnn_baselines_l2] [certified] [certified_long] [certified_e24] [certified_e24_budgets] [certified_composite] [certified_gouk] [certified_miyato]
 # (no argument: each of them in that order but l2_independent, which lipnet_l2 runs)
 # Each output folder gets command.txt (the exact command); robustclip itself writes
 # environment.json there (versions, device, git commit, command line).
@@ -170,6 +170,14 @@ certified_long() {  # none for 16 epochs
 certified_e24() {  # none for 24 epochs
   certified_runs results/lipnet-certified-e24 results/lipnet-certified-e24-full none-margin-e24-s1
 }
+certified_e24_budgets() {  # the 24-epoch model under the standard evaluation at the other
+  # budgets: Linf 0.1/0.2/0.3 and L2 1.0/2.0 (first 100 test images), the independent
+  # attacks of each norm beside it
+  local m=none-margin-e24-s1 cmds=() folders=(runs/eval-certified-linf/none-margin-e24-s1 runs/eval-certified-l2/none-margin-e24-s1)
+  cmds=("$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm Linf --limit 100 --seed 0 --out ${folders[0]} && .venv/bin/python results/compare_linf.py runs/lipnet/$m --limit 100 --out ${folders[0]}"
+        "$rc attack runs/lipnet/$m --suite attacks/mnist-results.toml --norm L2 --eps 1.0 --eps 2.0 --limit 100 --seed 0 --out ${folders[1]} && .venv/bin/python results/compare_l2.py runs/lipnet/$m --limit 100 --out ${folders[1]}")
+  merged results/lipnet-certified-e24-budgets
+}
 certified_composite() {  # lipnet-composite + fastclip-composite, 8 epochs, its BatchNorms
   # priced by the batch's variance in training (7fce4e2)
   certified_runs results/lipnet-certified-composite results/lipnet-certified-composite-full composite-margin-batch-s1
@@ -183,6 +191,6 @@ certified_miyato() {  # lipnet + miyato, 8 epochs
 plots() {  # from the runs' metrics.csv (results/train.sh); their environment.json says where they ran
   .venv/bin/python results/plot_training.py $R results/training
 }
-for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_composite lipnet_composite_l2 lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 smallcnn_baselines smallcnn_baselines_l2 certified certified_long certified_e24 certified_composite certified_gouk certified_miyato}"; do
+for part in "${@:-main transfer ensembles seeds plots lipnet lipnet_composite lipnet_composite_l2 lipnet_l2 gain smallcnn smallcnn_rawstart smallcnn_wide smallcnn_wide_l2 smallcnn_wide_e20 smallcnn_baselines smallcnn_baselines_l2 certified certified_long certified_e24 certified_e24_budgets certified_composite certified_gouk certified_miyato}"; do
   for p in $part; do "$p"; done
 done
