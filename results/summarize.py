@@ -329,6 +329,10 @@ def render() -> str:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_certified.sh")
             parts += whole_test_set_section(HERE / f"{name}-full")
+    if (HERE / "lipnet-certified-e24-budgets/results.json").exists():
+        parts += trained_section(HERE / "lipnet-certified-e24-budgets", "The 24-epoch certified "
+                                 "lipnet at the other budgets", "certified_e24_budgets",
+                                 "results/train_certified.sh", training=False)
     if (HERE / "lipnet-fgsm/results.json").exists():
         parts += trained_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
                                  "lipnet", "results/train_lipnet.sh")
