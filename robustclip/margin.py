@@ -68,7 +68,7 @@ from torch import Tensor
 from robustclip.bounds import _ADDS, _Walker, _ValueProp, _dependent, _shape, trace
 from robustclip.errors import RobustclipError
 from robustclip.spectral import _BATCHNORMS, _unwrap, eval_mode, linear_map
-from robustclip.upper_bounds import _bn_scale, _layers, differentiable_bound
+from robustclip.upper_bounds import _bn_scale, _layers, _conv_batchnorm, differentiable_bound
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,6 @@ class _BatchVariances:
             raise RobustclipError("lipschitz-margin: no batch statistics since the bound was "
                                   "last taken (take it once after each training forward)")
         return self.var[bn]
-
-
-def _composite_bn(module: nn.Module) -> nn.Module | None:
-    """The BatchNorm of a conv + BN wrapper's module; None for any other."""
-    layers = _layers(module)
-    return layers[1] if len(layers) == 2 and isinstance(layers[1], _BATCHNORMS) else None
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -198,7 +192,9 @@ class TrainingBound:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if getattr(module, "is_spectral_wrapper", False):
-                return ("wrapper", node, deps[0], (module, _shape(deps[0]), _composite_bn(module)))
+                conv_bn = _conv_batchnorm(module)  # its BatchNorm, priced by _BatchVariances.of
+                bn = None if conv_bn is None else conv_bn[1]
+                return ("wrapper", node, deps[0], (module, _shape(deps[0]), bn))
             if isinstance(_unwrap(module), _BATCHNORMS) and module.running_var is not None:
                 return ("bn", node, deps[0], _unwrap(module))
             if _trainable(module):

@@ -96,10 +96,10 @@ def operator_upper_bound(module: nn.Module, input_shape: Sequence[int], *,
     allows :func:`nonnegative_upper_bound`.  Returns None where no bound is known.
     """
     shape = tuple(int(s) for s in input_shape)
-    layers = _layers(module)
-    if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
+    if (conv_bn := _conv_batchnorm(module)) is not None:
         with torch.no_grad():
-            return conv_upper_bound(layers[0], shape, _bn_scale(layers[1]))
+            return conv_upper_bound(conv_bn[0], shape, _bn_scale(conv_bn[1]))
+    layers = _layers(module)
     if len(layers) != 1:
         return None
     (layer,) = layers
@@ -123,6 +123,15 @@ def _layers(module: nn.Module) -> list[nn.Module]:
     """The layers of ``module`` (spectral wrappers unwrapped): a Sequential's, else itself."""
     inner = _unwrap(module)
     return [_unwrap(m) for m in inner] if isinstance(inner, nn.Sequential) else [inner]
+
+
+def _conv_batchnorm(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(conv, BatchNorm) of a conv followed by a BatchNorm with running statistics (a
+    conv + BN composite, spectral wrappers unwrapped); None for any other module."""
+    layers = _layers(module)
+    if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
+        return layers[0], layers[1]
+    return None
 
 
 def _is_eval_bn(module: nn.Module) -> bool:
@@ -301,8 +310,8 @@ def differentiable_bound(module: nn.Module, input_shape: Sequence[int],
     :func:`conv_upper_bound`.  Raises RobustclipError for any other module.
     """
     layers, scale = _layers(module), None
-    if len(layers) == 2 and isinstance(layers[0], _CONVS) and _is_eval_bn(layers[1]):
-        layers, scale = layers[:1], _bn_scale(layers[1], bn_var)
+    if (conv_bn := _conv_batchnorm(module)) is not None:
+        layers, scale = [conv_bn[0]], _bn_scale(conv_bn[1], bn_var)
     if len(layers) == 1 and isinstance(layers[0], nn.Linear):
         w = layers[0].weight.double()
         with torch.no_grad():  # the top eigenvector of the smaller Gram matrix, the other side
