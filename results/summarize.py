@@ -329,23 +329,18 @@ def render() -> str:
         if (HERE / f"{name}/results.json").exists():
             parts += trained_section(HERE / name, title, part, "results/train_certified.sh")
             parts += whole_test_set_section(HERE / f"{name}-full")
-    if (HERE / "lipnet-certified-e24-budgets/results.json").exists():
-        parts += trained_section(HERE / "lipnet-certified-e24-budgets", "The 24-epoch certified "
-                                 "lipnet at the other budgets", "certified_e24_budgets",
-                                 "results/train_certified.sh", training=False)
-    if (HERE / "lipnet-fgsm/results.json").exists():
-        parts += trained_section(HERE / "lipnet-fgsm", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
-                                 "lipnet", "results/train_lipnet.sh")
-    if (HERE / "lipnet-composite-fgsm/results.json").exists():
-        parts += trained_section(HERE / "lipnet-composite-fgsm", "Adversarial training: "
-                                 "lipnet-composite + fastclip-composite, FGSM-RS at Linf 0.3",
-                                 "lipnet_composite", "results/train_lipnet.sh")
-    if (HERE / "lipnet-composite-fgsm-l2/results.json").exists():
-        parts += trained_section(HERE / "lipnet-composite-fgsm-l2", "The same lipnet-composite at L2",
-                                 "lipnet_composite_l2", "results/train_lipnet.sh", training=False)
-    if (HERE / "lipnet-fgsm-l2/results.json").exists():
-        parts += trained_section(HERE / "lipnet-fgsm-l2", "The same lipnets at L2", "lipnet_l2",
-                                 "results/train_lipnet.sh", training=False)
+    for name, part, title, script, training in [
+            ("lipnet-certified-e24-budgets", "certified_e24_budgets", "The 24-epoch certified lipnet "
+             "at the other budgets", "results/train_certified.sh", False),
+            ("lipnet-fgsm", "lipnet", "Adversarial training: lipnet, FGSM-RS at Linf 0.3",
+             "results/train_lipnet.sh", True),
+            ("lipnet-composite-fgsm", "lipnet_composite", "Adversarial training: lipnet-composite "
+             "+ fastclip-composite, FGSM-RS at Linf 0.3", "results/train_lipnet.sh", True),
+            ("lipnet-composite-fgsm-l2", "lipnet_composite_l2", "The same lipnet-composite at L2",
+             "results/train_lipnet.sh", False),
+            ("lipnet-fgsm-l2", "lipnet_l2", "The same lipnets at L2", "results/train_lipnet.sh", False)]:
+        if (HERE / f"{name}/results.json").exists():
+            parts += trained_section(HERE / name, title, part, script, training=training)
     if (HERE / "lipnet-gain/network_gain.csv").exists():
         parts += gain_section(HERE / "lipnet-gain")
     if (HERE / "monitor-attacks/monitor.csv").exists():
