@@ -263,7 +263,12 @@ def power_qr(A: LinearMap, x: Tensor, iters: int, tol: float | None = None,
 
     With ``tol``, stop early once the relative change of every Ritz value over one
     iteration is below ``tol`` (checked every ``check_every`` iterations: each check is
-    one host synchronisation).  The returned vectors are the Ritz vectors of the last
+    one host synchronisation).  A Ritz value sigma_i comes from an eigenvalue of the
+    Gram matrix of the block, whose rounding error (machine epsilon eps times sigma_1^2)
+    moves sigma_i by about eps (sigma_1 / sigma_i)^2 / 2 relative: values below
+    sigma_1 sqrt(eps / tol), which no iteration can settle to ``tol`` (the null space of
+    a rank-deficient map, Linear 4 -> 3 with a block of 4, among them), count as
+    converged.  The returned vectors are the Ritz vectors of the last
     evaluated block, and values are the singular values of A on them.
     """
     if iters < 1:
@@ -274,7 +279,7 @@ def power_qr(A: LinearMap, x: Tensor, iters: int, tol: float | None = None,
     for done in range(1, iters + 1):
         sigma, x = power_qr_step(A, x)
         if prev is not None:
-            rel = ((sigma - prev).abs() / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)).max()
+            rel = _relative_change(sigma, prev, tol)
             if tol is not None and done % check_every == 0 and rel <= tol:
                 break
         prev = sigma
@@ -282,6 +287,16 @@ def power_qr(A: LinearMap, x: Tensor, iters: int, tol: float | None = None,
     if rel is None:
         rel = torch.full((), float("inf"), dtype=values.dtype, device=values.device)
     return SpectralEstimate(values, vectors, rel, done)
+
+
+def _relative_change(sigma: Tensor, prev: Tensor, tol: float | None) -> Tensor:
+    """max_i |sigma_i - prev_i| / sigma_i over the values above the rounding floor
+    sigma_1 sqrt(eps / tol) (sqrt(eps) without ``tol``; sigma descending); a scalar
+    tensor, no host synchronisation."""
+    eps = torch.finfo(sigma.dtype).eps
+    floor = sigma[0] * math.sqrt(eps / (tol if tol else 1.0))
+    change = (sigma - prev).abs() / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
+    return torch.where(sigma > floor, change, torch.zeros_like(change)).max()
 
 
 def ritz(A: LinearMap, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,6 @@
 """PowerQR extraction against exact references (dense operator SVD, FFT for circular conv)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +15,7 @@ from robustclip import (
 from robustclip.errors import RobustclipError
 from robustclip import spectral
 from robustclip.spectral import dense_operator, gram_matrix
+from helpers import inflate
 
 
 def _bn(channels: int, dims: int = 2) -> nn.Module:
@@ -145,6 +148,20 @@ def test_convergence_is_reported(monkeypatch):
     monkeypatch.setattr(spectral, "power_qr", lambda A, x, iters, tol=None: power_qr(A, x, 3))
     with pytest.warns(UserWarning, match="stopped after 3 iterations with relative change"):
         singular_values(conv, (2, 16, 16), k=1, tol=1e-12)
+
+
+@pytest.mark.parametrize("seed, scale", [(0, 20.0), (1, 1.0), (1, 20.0)])
+def test_a_rank_deficient_map_converges_without_a_warning(seed, scale):
+    """Linear 4 -> 3: the oversampled block of 4 holds a null vector, whose value (0)
+    has no relative change and must not keep PowerQR from converging on sigma_1."""
+    torch.manual_seed(seed)
+    layer = inflate(nn.Linear(4, 3), scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = spectral_estimate(layer, (4,), k=1, tol=1e-6)
+    assert est.iterations < 5000 and float(est.rel_change) <= 1e-6
+    assert float(est.values[0]) == pytest.approx(float(torch.linalg.matrix_norm(layer.weight, 2)),
+                                                 rel=1e-5)
 
 
 def test_ritz_values_are_lower_bounds_along_the_way():
