@@ -4,23 +4,27 @@ certificates: ``robustclip.certificates``).
 :func:`lipschitz_report` traces a model with :mod:`torch.fx` (spectral wrappers and
 standard layers stay leaves), propagates shapes for one input of ``input_shape`` and walks
 the graph, bounding the L2 Lipschitz constant L(node) of every node as a function of the
-model input (method.md section 4):
+model input.
 
-* implicitly linear operator (conv, linear, BatchNorm in eval, average pooling, the input
-  normalisation, spectral wrappers, any single-input op passing ``check_linear``):
-  sigma(operator at its input shape) * L(input);
+What is proved about each operator is decided by :mod:`robustclip.known_ops`, by type
+and arguments, never by probing outputs:
+
+* an operator linear by construction (conv, linear, BatchNorm in eval, average pooling,
+  padding, the input normalisation, robustclip's spectral wrappers of these, sums,
+  means, products with constants): sigma(operator at its input shape) * L(input);
 * a conv whose only user is its BatchNorm: ONE composite operator Sequential(conv, bn);
-* 1-Lipschitz maps (relu, relu6, hardtanh, leaky_relu with |slope| <= 1, tanh, identity,
-  dropout in eval, robustclip.activations.GroupSort / MaxMin), flatten/view/reshape/permute,
-  basic slicing, pixel (un)shuffle: L(input);
-  sigmoid: L(input) / 4; max pooling: sqrt(max windows holding one input) * L(input);
+* an activation, max pool or reshape with a proven Lipschitz constant c (1 for ReLU,
+  tanh, GroupSort, flatten, ...; 1/4 for sigmoid; 1.129 for GELU; sqrt(max windows
+  holding one input) for max pooling): c * L(input), a row where c != 1;
 * add/sub: L(a) + L(b) (|alpha| L(b) for torch.add(a, b, alpha)); cat: sqrt(sum L_i^2);
-* anything else: :class:`RobustclipError` "cannot bound <op>".
+* anything else: if the linearity probe (``spectral.check_linear``) fails,
+  :class:`RobustclipError` "cannot bound <op>"; if it passes, the operator's PowerQR
+  value, a row of kind "estimate" that makes the network bound an estimate.
 
-Every operator's sigma is estimated by PowerQR (a Ritz value: a LOWER estimate that
-converges from below; ``rel_change`` says how far from converged) and bounded from above
-where possible (:mod:`robustclip.upper_bounds`): exact from the weights (linear, lone
-BatchNorm, input normalisation, circular stride-1 conv), exact from the float64 Gram
+A proven linear operator's sigma is estimated by PowerQR (a Ritz value: a LOWER estimate
+that converges from below; ``rel_change`` says how far from converged) and bounded from
+above where possible (:mod:`robustclip.upper_bounds`): exact from the weights (linear,
+lone BatchNorm, input normalisation, circular stride-1 conv), exact from the float64 Gram
 matrix where the input has at most ``exact_max_dim`` values, else a guaranteed upper
 bound (FFT for convs and conv+BN, Schur test for average pools).  The network bound
 multiplies these; an operator with neither gets its PowerQR estimate, and the report says
@@ -47,34 +51,16 @@ from torch import Tensor
 from torch.fx.passes.shape_prop import ShapeProp
 from tqdm import tqdm
 
-from robustclip.activations import GroupSort
 from robustclip.errors import RobustclipError, first_line
-from robustclip.spectral import (
-    _BATCHNORMS,
-    _CONVS,
-    _unwrap,
-    eval_mode,
-    spectral_estimate,
-)
-from robustclip.upper_bounds import AVG_POOL_FUNCTIONS, sigma_upper_bound
+from robustclip.known_ops import (AVG_POOL_FUNCTIONS, function_lipschitz, is_linear_function,
+                                  is_linear_module, module_lipschitz, unwrapped)
+from robustclip.spectral import _BATCHNORMS, _CONVS, _unwrap, eval_mode, spectral_estimate
+from robustclip.upper_bounds import sigma_upper_bound
 
 log = logging.getLogger(__name__)
 
-_ISOMETRY_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
-                     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.PixelShuffle,
-                     nn.PixelUnshuffle)
-_ONE_LIP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, GroupSort)
-_MAXPOOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_ISOMETRY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-                       torch.permute, torch.transpose, F.dropout, F.dropout1d, F.dropout2d,
-                       F.dropout3d}
-_ISOMETRY_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze",
-                     "permute", "transpose", "clone"}
-_ONE_LIP_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.tanh, F.tanh}
-_ONE_LIP_METHODS = {"relu", "tanh"}
-_SIGMOIDS = {torch.sigmoid, F.sigmoid}
 _ADDS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
-_MAXPOOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
 _ESTIMATE_SLACK = 1e-3  # PowerQR above a bound by more than this (TF32 convs on GPU: ~1e-3) is logged
 _COLUMNS = ["name", "type", "input_shape", "sigma", "rel_change", "iterations", "sigma_exact",
             "sigma_upper", "bound_kind"]
@@ -156,17 +142,6 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(node.meta["tensor_meta"].shape[1:])
 
 
-def _maxpool_factor(kernel: Any, stride: Any, dilation: Any, dims: int) -> float:
-    """sqrt of the largest number of pooling windows one input element can fall into."""
-    tup = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
-    k, d = tup(kernel), tup(dilation)
-    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else tup(stride)
-    count = 1
-    for ki, si, di in zip(k, s, d):
-        count *= min(ki, math.ceil(((ki - 1) * di + 1) / si))
-    return math.sqrt(count)
-
-
 class _Walker:
     """Computes L(node) over the traced graph and collects one row per measured operator."""
 
@@ -223,15 +198,16 @@ class _Walker:
 
     def _composite_bn(self, node: fx.Node) -> fx.Node | None:
         """The BatchNorm node fed only by conv ``node``, if that is the pattern."""
-        if node.op != "call_module" or not isinstance(_unwrap(self.gm.get_submodule(node.target)), _CONVS):
+        if node.op != "call_module" or len(node.users) != 1:
             return None
-        if len(node.users) != 1:
+        conv = self.gm.get_submodule(node.target)
+        if not (isinstance(unwrapped(conv), _CONVS) and is_linear_module(conv)):
             return None
         (user,) = node.users
         if (user.op == "call_module" and user.args[:1] == (node,) and len(user.args) == 1
                 and not user.kwargs):
-            bn = _unwrap(self.gm.get_submodule(user.target))
-            if isinstance(bn, _BATCHNORMS) and bn.running_var is not None:
+            bn = self.gm.get_submodule(user.target)
+            if isinstance(unwrapped(bn), _BATCHNORMS) and is_linear_module(bn):
                 return user
         return None
 
@@ -308,70 +284,56 @@ class _Walker:
         return factor * self.L[dep]
 
     def _factor(self, node: fx.Node, dep: fx.Node) -> float:
-        """Lipschitz factor of the single-input op ``node``."""
-        target, kwargs = node.target, node.kwargs
+        """Lipschitz factor of the single-input op ``node``: a proven constant, the measured
+        sigma of a proven linear operator, or (anything else) an estimate."""
         if node.op == "call_module":
-            module = self.gm.get_submodule(target)
-            inner = _unwrap(module)
-            if isinstance(inner, _ISOMETRY_MODULES) or isinstance(inner, _ONE_LIP_MODULES):
-                return 1.0
-            if isinstance(inner, nn.LeakyReLU) and abs(inner.negative_slope) <= 1:
-                return 1.0
-            if isinstance(inner, nn.Sigmoid):
-                return 0.25
-            if isinstance(inner, _MAXPOOLS) and not inner.return_indices:
-                dims = _MAXPOOLS.index(type(inner)) + 1
-                return self._pool_row(node, _maxpool_factor(inner.kernel_size, inner.stride,
-                                                            inner.dilation, dims))
-            return self._measure(module, _shape(dep), str(target), _kind(module))
-        if node.op == "call_function":
-            if target in _ISOMETRY_FUNCTIONS:
-                if target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d) and \
-                        (node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)):
-                    raise RobustclipError(f"cannot bound {_label(node)}: dropout in training mode")
-                return 1.0
-            if target in _ONE_LIP_FUNCTIONS:
-                return 1.0
-            if target is F.leaky_relu:
-                slope = kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-                if abs(slope) <= 1:
-                    return 1.0
-            if target in _SIGMOIDS:
-                return 0.25
-            if target in _MAXPOOL_FUNCTIONS:
-                return self._pool_row(node, self._functional_pool(node))
-            if target is operator.getitem and _basic_index(node.args[1]):
-                return 1.0
-        if node.op == "call_method":
-            if target in _ISOMETRY_METHODS or target in _ONE_LIP_METHODS:
-                return 1.0
-            if target == "sigmoid":
-                return 0.25
+            module = self.gm.get_submodule(node.target)
+            name, kind = str(node.target), _kind(module)
+            inner = unwrapped(module)
+            if inner is not None and (constant := module_lipschitz(inner)) is not None:
+                return self._constant_row(node, constant, kind)
+            if is_linear_module(module):
+                return self._measure(module, _shape(dep), name, kind)
+            return self._unproven(module, _shape(dep), name, kind)
+        if node.op == "call_function" and node.target in _DROPOUTS and \
+                (node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)):
+            raise RobustclipError(f"cannot bound {_label(node)}: dropout in training mode")
+        if (constant := function_lipschitz(node)) is not None:
+            return self._constant_row(node, constant, "function")
         op = self._as_op(node, dep)
-        return self._measure(op, _shape(dep), op.label, "function",
-                             nonnegative=node.op == "call_function" and target in AVG_POOL_FUNCTIONS)
+        if is_linear_function(node, self.dependent):
+            return self._measure(op, _shape(dep), op.label, "function",
+                                 nonnegative=node.op == "call_function"
+                                 and node.target in AVG_POOL_FUNCTIONS)
+        return self._unproven(op, _shape(dep), op.label, "function")
 
-    def _functional_pool(self, node: fx.Node) -> float:
-        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                 "return_indices")
-        bound = dict(zip(names, node.args)) | dict(node.kwargs)
-        if bound.get("return_indices"):
-            raise RobustclipError(f"cannot bound {_label(node)} with return_indices")
-        return _maxpool_factor(bound["kernel_size"], bound.get("stride"),
-                               bound.get("dilation", 1), _MAXPOOL_FUNCTIONS[node.target])
+    def _unproven(self, module: nn.Module, shape: tuple[int, ...], name: str, kind: str) -> float:
+        """An operator nothing proves anything about (``robustclip.known_ops``): refused when
+        the linearity probe shows it is not linear, else its PowerQR value as an estimate
+        (a row of kind "estimate": no certificate rests on it)."""
+        try:
+            est = spectral_estimate(module, shape, k=1, iters=self.iters, tol=self.tol,
+                                    seed=self.seed)
+        except RobustclipError as err:
+            raise RobustclipError(f"cannot bound {name} ({kind}): {err}") from None
+        sigma = float(est.values[0])
+        log.warning("%s (%s): not an operator robustclip can prove a bound for (it only passed "
+                    "a linearity probe); its PowerQR value %.6g makes the network bound an "
+                    "estimate, which certifies nothing", name, kind, sigma)
+        self.rows.append({"name": name, "type": kind, "input_shape": shape, "sigma": sigma,
+                          "rel_change": float(est.rel_change), "iterations": est.iterations,
+                          "sigma_exact": math.nan, "sigma_upper": math.nan,
+                          "bound_kind": "estimate"})
+        return sigma
 
-    def _pool_row(self, node: fx.Node, factor: float) -> float:
-        self.rows.append({"name": _label(node), "type": "max-pool (bound)",
-                          "input_shape": _shape(node.args[0]), "sigma": factor,
-                          "rel_change": 0.0, "iterations": 0, "sigma_exact": math.nan,
-                          "sigma_upper": factor, "bound_kind": "upper"})
+    def _constant_row(self, node: fx.Node, factor: float, kind: str) -> float:
+        """A proven Lipschitz constant ``factor``; a row for it unless it is 1."""
+        if factor != 1.0:
+            self.rows.append({"name": _label(node), "type": f"{kind} (Lipschitz constant)",
+                              "input_shape": _shape(node.args[0]), "sigma": factor,
+                              "rel_change": 0.0, "iterations": 0, "sigma_exact": math.nan,
+                              "sigma_upper": factor, "bound_kind": "upper"})
         return factor
-
-
-def _basic_index(index: Any) -> bool:
-    """True for indices made of ints, slices, None and Ellipsis (a coordinate projection)."""
-    items = index if isinstance(index, tuple) else (index,)
-    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items)
 
 
 def _kind(module: nn.Module) -> str:

@@ -67,6 +67,7 @@ from torch import Tensor
 
 from robustclip.bounds import _ADDS, _Walker, _ValueProp, _dependent, _shape, trace
 from robustclip.errors import RobustclipError
+from robustclip.known_ops import observer
 from robustclip.spectral import _BATCHNORMS, _unwrap, eval_mode, linear_map
 from robustclip.upper_bounds import _bn_scale, _layers, _conv_batchnorm, differentiable_bound
 
@@ -108,6 +109,7 @@ class _BatchVariances:
         for bn in bns:
             bn.register_forward_pre_hook(self._record)
 
+    @observer
     def _record(self, bn: nn.Module, args: tuple[Tensor, ...]) -> None:
         if bn.training:
             x = args[0]

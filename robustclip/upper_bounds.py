@@ -52,10 +52,6 @@ SAFETY = 1e-6
 
 AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
              nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-AVG_POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-                      F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
-"""Functional average pools (fx call_function targets) whose matrices are nonnegative."""
-
 _SVD_BATCH = 4096  # per-frequency matrices per svdvals call (bounds the workspace)
 
 

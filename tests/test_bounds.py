@@ -232,9 +232,9 @@ class Square(nn.Module):
 
 @pytest.mark.parametrize("model, op", [
     (Square(), "mul"),
-    (nn.Sequential(nn.Flatten(), nn.GELU()), "GELU"),
-    (nn.Sequential(nn.Flatten(), nn.LeakyReLU(2.0)), "LeakyReLU"),
-    (nn.Sequential(nn.Flatten(), nn.Softmax(dim=1)), "Softmax"),
+    (nn.Sequential(nn.Flatten(), nn.LayerNorm(4)), "LayerNorm"),
+    (nn.Sequential(nn.Flatten(), nn.LogSoftmax(dim=1)), "LogSoftmax"),
+    (nn.Sequential(nn.Flatten(), nn.Threshold(0.1, 20.0)), "Threshold"),
 ])
 def test_cannot_bound(model, op):
     with pytest.raises(RobustclipError, match=f"cannot bound.*{op}"):
@@ -475,18 +475,42 @@ def test_conv_on_an_input_above_exact_max_dim_gets_an_fft_bound():
     assert exact * (1 - 1e-9) <= bound <= exact * 1.05
 
 
-def test_an_operator_without_upper_bound_makes_the_network_an_estimate():
-    model = nn.Sequential(Normalize(), Flip(), nn.Flatten(), nn.Linear(36, 4)).eval()
+class Flipped(nn.Module):
+    """normalize -> 2 x the input reversed along its last axis -> linear: the flip and the
+    product with 2 are traced as functions the bound knows to be linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalize, self.fc = Normalize(), nn.Linear(36, 4)
+
+    def forward(self, x):
+        return self.fc((2 * self.normalize(x).flip(-1)).flatten(1))
+
+
+def test_a_linear_function_without_upper_bound_makes_the_network_an_estimate():
+    model = Flipped().eval()
     bound, layers = lipschitz_report(model, SHAPE, exact_max_dim=0)
-    flip = layers.set_index("name").loc["1"]
-    assert flip["bound_kind"] == "estimate" and math.isnan(flip["sigma_upper"])
-    assert flip["sigma"] == pytest.approx(2.0, rel=1e-5)
-    assert bound == pytest.approx(_sigma(model[0], SHAPE) * flip["sigma"] * _sigma(model[3], (36,)),
+    mul = layers.set_index("name").loc["mul"]
+    assert mul["bound_kind"] == "estimate" and math.isnan(mul["sigma_upper"])
+    assert mul["sigma"] == pytest.approx(2.0, rel=1e-5)
+    assert bound == pytest.approx(_sigma(model.normalize, SHAPE) * mul["sigma"] * _sigma(model.fc, (36,)),
                                   rel=1e-12)
     assert layers.attrs["bound_kind"] == network_bound_kind(layers) == "estimate"
-    # with its Gram matrix (input 36 <= exact_max_dim) the same operator is exact
+    # with its Gram matrix (input 36 <= exact_max_dim) the proven linear product is exact
     _, small = lipschitz_report(model, SHAPE)
     assert set(small["bound_kind"]) == {"exact"} and small.attrs["bound_kind"] == "upper"
+
+
+def test_an_unknown_module_stays_an_estimate_even_with_its_gram_matrix():
+    """Flip is linear, but a custom module is only probed, never proved: its Gram-matrix
+    value would be "exact" for whatever the probe happened to see."""
+    model = nn.Sequential(Normalize(), Flip(), nn.Flatten(), nn.Linear(36, 4)).eval()
+    for limit in (0, 1024):
+        bound, layers = lipschitz_report(model, SHAPE, exact_max_dim=limit)
+        flip = layers.set_index("name").loc["1"]
+        assert flip["bound_kind"] == "estimate" and math.isnan(flip["sigma_upper"])
+        assert flip["sigma"] == pytest.approx(2.0, rel=1e-5)
+        assert layers.attrs["bound_kind"] == "estimate"
 
 
 def test_a_wrong_input_shape_is_one_line_without_traceback(capfd):
