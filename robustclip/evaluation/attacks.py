@@ -18,6 +18,7 @@ import torchattacks
 from torchattacks.attack import Attack
 from torch import Tensor
 
+from robustclip.certificates import predicted_correct
 from robustclip.errors import RobustclipError
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class SearchCW(torchattacks.CW):
             self.consts = consts
             adv = super().forward(images, labels)
             with torch.no_grad():
-                fooled = self.get_logits(adv).argmax(1) != labels
+                fooled = ~predicted_correct(self.get_logits(adv), labels)
                 l2 = (adv - images).flatten(1).norm(dim=1)
             better = fooled & (l2 < best_l2)
             best = torch.where(better.view(-1, *[1] * (images.dim() - 1)), adv, best)

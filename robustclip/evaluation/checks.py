@@ -55,7 +55,7 @@ class Tally:
         checks = {
             "range": ((x_adv < 0) | (x_adv > 1)).flatten(1).any(1),
             "eps": dist > eps_limit(self.spec.eps),
-            "nan": x_adv.isnan().flatten(1).any(1) | logits_adv.isnan().any(1),
+            "nonfinite": x_adv.isnan().flatten(1).any(1) | (~logits_adv.isfinite()).any(1),
             "revived": ~clean & adv_correct,
         }
         return {key: flags.sum() for key, flags in checks.items()}, dist.max()
@@ -78,8 +78,9 @@ class Tally:
             out.append(f"{c['eps']} adversarial examples are farther than eps from their input "
                        f"(largest {spec.norm} distance {float(self.worst):.6g} > {spec.eps:g} + rounding); "
                        "they do not count as successes")
-        if c.get("nan"):
-            out.append(f"{c['nan']} samples have NaN in the adversarial example or its logits")
+        if c.get("nonfinite"):
+            out.append(f"{c['nonfinite']} samples have NaN in the adversarial example or NaN or "
+                       "infinite logits; they count as misclassified")
         if c.get("revived"):
             out.append(f"the attack made {c['revived']} misclassified samples correct; "
                        "they still count as not robust (robust <= clean)")
@@ -112,15 +113,16 @@ def discarded_warnings(model: str, discarded: dict[Any, Any]) -> list[SanityWarn
     return out
 
 
-def clean_warnings(model: str, out_of_range: int, nan: int) -> list[SanityWarning]:
-    """Checks of a clean pass: ``out_of_range`` inputs outside [0, 1] or NaN, ``nan``
-    samples with NaN logits (they count as misclassified)."""
+def clean_warnings(model: str, out_of_range: int, nonfinite: int) -> list[SanityWarning]:
+    """Checks of a clean pass: ``out_of_range`` inputs outside [0, 1] or NaN,
+    ``nonfinite`` samples with a NaN or infinite logit (they count as misclassified)."""
     out = []
     if out_of_range:
         out.append(f"{out_of_range} inputs lie outside [0, 1] or are NaN: attacks assume "
                    "pixels with the normalisation inside the model")
-    if nan:
-        out.append(f"{nan} samples have NaN logits on clean inputs; they count as misclassified")
+    if nonfinite:
+        out.append(f"{nonfinite} samples have NaN or infinite logits on clean inputs; they "
+                   "count as misclassified")
     return [SanityWarning(m, model) for m in out]
 
 
@@ -134,7 +136,7 @@ def start_point_warnings(model: nn.Module, name: str, x: Tensor, y: Tensor,
     * outputs that look like probabilities (every row in [0, 1] summing to 1): attacks
       and certificates need logits;
     * samples whose cross-entropy gradient is exactly zero at x (masked or shattered
-      gradients: gradient attacks cannot start there);
+      gradients), or NaN or infinite: gradient attacks cannot start there;
     * fewer than 4 classes: the targeted DLR loss of APGD-T needs 4.
     """
     out = []
@@ -154,6 +156,10 @@ def start_point_warnings(model: nn.Module, name: str, x: Tensor, y: Tensor,
         out.append("model outputs look like probabilities (in [0, 1], rows sum to 1): "
                    "attacks and certificates need logits; remove the final softmax")
     zero = len(x) if grad is None else int((grad.flatten(1).abs().amax(1) == 0).sum())
+    broken = 0 if grad is None else int((~grad.flatten(1).isfinite()).any(1).sum())
+    if broken:
+        out.append(f"{broken} of {len(x)} samples have a NaN or infinite loss gradient at the "
+                   "clean input (non-finite logits?): gradient-based attacks cannot start there")
     if zero:
         out.append(f"{zero} of {len(x)} samples have an exactly zero loss gradient at the "
                    "clean input: gradient-based attacks cannot start there (masked gradients?)")

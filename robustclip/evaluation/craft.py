@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from robustclip.certificates import predicted_correct
 from robustclip.evaluation.attacks import CW_EPS_NOTE, AttackSpec
 from robustclip.evaluation.cascade import Cascade
 from robustclip.spectral import eval_mode
@@ -84,7 +85,7 @@ def craft(model: nn.Module, spec: AttackSpec, x: Tensor, y: Tensor, seed: int) -
         x_adv = adv if r == 0 else x_adv.index_copy(0, todo, adv)
         if r + 1 < restarts:
             with torch.no_grad():
-                todo = todo[model(adv).argmax(1) == y[todo]]
+                todo = todo[predicted_correct(model(adv), y[todo])]
             if todo.numel() == 0:  # one host sync per restart, never per step
                 break
     return x_adv
@@ -125,7 +126,7 @@ def _cascade(model: nn.Module, cascade: Cascade, x: Tensor, y: Tensor, seed: int
     """Each member on the points still robust; an example counts only if it fools the model
     within the eps ball and [0, 1] (one host sync per stage, to pick the points)."""
     with torch.no_grad():
-        robust = (model(x).argmax(1) == y) if clean is None else clean.clone()
+        robust = predicted_correct(model(x), y) if clean is None else clean.clone()
     x_adv, out = x.clone(), {}
     for member in cascade.members:
         todo = robust.nonzero().squeeze(1)
@@ -134,7 +135,7 @@ def _cascade(model: nn.Module, cascade: Cascade, x: Tensor, y: Tensor, seed: int
             with torch.no_grad():
                 logits = model(adv)
             valid = within_rules(adv, x[todo], member.norm, member.eps)
-            wrong = (logits.argmax(1) != y[todo]) | logits.isnan().any(1)
+            wrong = ~predicted_correct(logits, y[todo])
             fooled = valid & wrong
             if discarded is not None:
                 discarded[member] = discarded.get(member, 0) + (wrong & ~valid).sum()

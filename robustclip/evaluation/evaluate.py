@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from robustclip.certificates import certified, linf_to_l2
+from robustclip.certificates import certified, linf_to_l2, predicted_correct
 from robustclip.empirical import screened_ratio
 from robustclip.distributed import all_gather, check_world, current, my_batches, on_main
 from robustclip.errors import RobustclipError, first_line
@@ -58,8 +58,8 @@ class AttackResult:
     samples this row's attack broke (in a cascade: those its stage was the first to
     break).  cascade: the label of the cascade a member row belongs to ('' otherwise);
     its robust is the cumulative robustness after that stage.  bound_kind: 'exact',
-    'upper', 'estimate' or 'none' (``bounds.lipschitz_report``); certificates rest only
-    on 'exact', 'upper' or user-given bounds.  distance (n,) float64: the norm of the
+    'upper', 'estimate' or 'none' (``bounds.lipschitz_report``), 'given', or 'refuted'
+    (:func:`refutation`); certificates rest only on 'exact', 'upper' or 'given' bounds.  distance (n,) float64: the norm of the
     perturbation that broke each sample (NaN where this row broke nothing).
     adversarial (n, C, H, W): the examples scored, when the evaluation keeps them.
     """
@@ -160,7 +160,7 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
     device, ctx = module_device(model), current()
     logits: dict[int, Tensor] = {}
     ratio = torch.zeros((), device=device, dtype=torch.float64)
-    bad_range = nan = 0
+    bad_range = nonfinite = 0
     with torch.no_grad():
         for b in my_batches(len(batches), ctx):
             x = batches[b][0].to(device)
@@ -171,25 +171,20 @@ def clean_pass(model: nn.Module, name: str, batches: Sequence[tuple[Tensor, Tens
                 warnings += start_point_warnings(model, name, x, batches[b][1].to(device), out)
             else:
                 out = model(x)
-            nan = nan + out.isnan().any(1).sum()
+            nonfinite = nonfinite + (~out.isfinite()).any(1).sum()
             if twin is not None:
                 ratio = torch.maximum(ratio, screened_ratio(twin, x, x.roll(1, 0), out, out.roll(1, 0)))
             logits[b] = out
     if ctx.distributed:
-        parts = all_gather(({b: t.cpu() for b, t in logits.items()}, int(bad_range), int(nan),
+        parts = all_gather(({b: t.cpu() for b, t in logits.items()}, int(bad_range), int(nonfinite),
                             float(ratio)), ctx)
         logits = {b: t.to(device) for p in parts for b, t in p[0].items()}
-        bad_range, nan = (sum(p[i] for p in parts) for i in (1, 2))
+        bad_range, nonfinite = (sum(p[i] for p in parts) for i in (1, 2))
         ratio = torch.tensor(max(p[3] for p in parts), device=device, dtype=torch.float64)
     logits = torch.cat([logits[b] for b in range(len(batches))])
     labels = torch.cat([y for _, y in batches]).to(device)
-    warnings += clean_warnings(name, int(bad_range), int(nan))
+    warnings += clean_warnings(name, int(bad_range), int(nonfinite))
     return CleanPass(logits, predicted_correct(logits, labels), ratio)
-
-
-def predicted_correct(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per sample (n,), bool: the top logit is the label's; a row holding NaN is wrong."""
-    return (logits.argmax(1) == labels) & ~logits.isnan().any(1)
 
 
 def l2_radius(norm: str, eps: float, shape: Sequence[int]) -> float:

@@ -18,7 +18,8 @@ from robustclip.evaluation.attacks import AttackSpec
 from robustclip.evaluation.checks import SanityWarning, Tally, mode_warning, weaker_than_transfer
 from robustclip.evaluation.craft import adversarial, evaluating, row_params, runs
 from robustclip.evaluation.ensemble import Ensemble, check_one_dataset
-from robustclip.evaluation.evaluate import CleanPass, batches_of, clean_pass, predicted_correct
+from robustclip.certificates import predicted_correct
+from robustclip.evaluation.evaluate import CleanPass, batches_of, clean_pass
 from robustclip.spectral import module_device
 
 
