@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import robustclip.evaluation as H
 from robustclip.bounds import lipschitz_report
 from robustclip.errors import RobustclipError
+from robustclip.evaluation.ensemble import Bound
+from robustclip.evaluation.evaluate import refutation
 from robustclip import known_ops
 
 IN, HIDDEN, OUT = 4, 6, 3
@@ -249,3 +251,33 @@ def test_functional_forms_are_proven_like_their_modules(fn, expected):
         assert bound >= largest_pair_ratio(model, (IN,)) * (1 - 1e-6)
         constants = rows.loc[rows["type"].str.contains("Lipschitz constant"), "sigma_upper"]
         assert math.prod(constants) == pytest.approx(expected)
+
+
+# --------------------------------------- the evaluation refutes a bound it can disprove
+
+def test_a_given_bound_below_a_measured_ratio_is_refuted_and_certifies_nothing(models, data):
+    x, y = (t[:60] for t in data)
+    spec = H.make_spec("pgd", 0.1, steps=5)
+    honest = H.evaluate({"a": models["a"]}, x, y, [spec])
+    (row,) = honest.results
+    assert row.bound_kind in ("exact", "upper") and row.certified is not None
+    too_small = row.lipschitz_empirical / 2
+    ev = H.evaluate({"a": models["a"]}, x, y, [spec], bounds={"a": too_small})
+    (row,) = ev.results
+    assert row.bound_kind == "refuted" and row.certified is None
+    assert row.lipschitz_bound == too_small
+    (warning,) = [w for w in ev.warnings if "refuted" in w.message]
+    assert "below a measured pair ratio" in warning.message and warning.model == "a"
+    assert not [w for w in honest.warnings if "refuted" in w.message]
+
+
+def test_a_broken_certified_point_refutes_the_bound():
+    robust = torch.tensor([True, False, True])
+    cert = torch.tensor([True, True, False])
+    sound = Bound(2.0, "upper")
+    message = refutation(sound, 1.5, [(robust, None), (robust, cert)])
+    assert message.startswith("1 points certified by the Lipschitz bound 2 (upper) are broken")
+    assert refutation(sound, 1.5, [(robust, cert & robust)]) is None
+    assert refutation(sound, 2.0 * (1 + 1e-5), [(robust, cert & robust)]) is None  # rounding
+    assert "below a measured pair ratio" in refutation(sound, 2.1, [])
+    assert refutation(Bound(2.0, "estimate"), 9.0, [(robust, cert)]) is None

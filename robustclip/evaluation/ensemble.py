@@ -73,8 +73,9 @@ class Ensemble(nn.Module):
 
 class Bound(NamedTuple):
     """A network Lipschitz bound (L2, logits per input unit) and how sure it is: 'exact',
-    'upper' (guaranteed upper bound), 'estimate' (no guarantee), 'given' (by the user) or
-    'none' (NaN)."""
+    'upper' (guaranteed upper bound), 'estimate' (no guarantee), 'given' (by the user),
+    'none' (NaN), or 'refuted' (sound by construction, but the evaluation measured a pair
+    ratio above it or broke a point it certified: ``evaluate.refutation``)."""
 
     value: float
     kind: str

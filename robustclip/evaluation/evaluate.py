@@ -339,6 +339,11 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
             if isinstance(group[0], Cascade) and s is not group[0]:
                 before = robust
     empirical = float(ratio)
+    refuted = refutation(bound, empirical, [(robust, cert) for _, robust, cert, *_ in rows])
+    if refuted:
+        warnings.append(SanityWarning(refuted, name))
+        bound = Bound(bound.value, "refuted")
+        rows = [(s, robust, None, *rest) for s, robust, _, *rest in rows]
     for s, robust_s, cert, seconds, broken, dist, adv in rows:
         cascade = next((g.label for g in specs if isinstance(g, Cascade) and s in g.members), "")
         result = AttackResult(name, meta_name(meta, "method"), s.name, s.label, s.norm, s.eps,
@@ -348,6 +353,36 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
         evaluation.results.append(result)
         log.info("%s %s %s eps=%g: clean %.4f robust %.4f", name, s.label, s.norm, s.eps,
                  float(result.clean.double().mean()), float(result.robust.double().mean()))
+
+
+REFUTE_SLACK = 1e-4
+"""A pair ratio above the bound by more than this (relative) refutes it: float32 rounding
+of a computed bound stays far below."""
+
+
+def refutation(bound: Bound, empirical: float,
+               rows: Sequence[tuple[Tensor, Tensor | None]]) -> str | None:
+    """Why the evaluation itself refutes a sound ``bound`` (None if it does not).
+
+    empirical: the largest pair ratio measured (a lower bound of the Lipschitz constant);
+    rows: (robust, certified or None) per sample, per result.  A sound bound is refuted
+    when a measured ratio exceeds it by more than :data:`REFUTE_SLACK`, or when a point
+    it certifies is broken by an attack: either proves the bound (or the model's own
+    arithmetic) wrong, and its certificates are then withdrawn.
+    """
+    if bound.kind not in SOUND or math.isnan(bound.value):
+        return None
+    if empirical > bound.value * (1 + REFUTE_SLACK):
+        return (f"the Lipschitz bound {bound.value:.6g} ({bound.kind}) is below a measured "
+                f"pair ratio {empirical:.6g}: it is wrong, and no certificate rests on it "
+                "(certified withdrawn, bound_kind 'refuted')")
+    broken = max((int((cert & ~robust).sum()) for robust, cert in rows if cert is not None),
+                 default=0)
+    if broken:
+        return (f"{broken} points certified by the Lipschitz bound {bound.value:.6g} "
+                f"({bound.kind}) are broken by an attack: the bound is wrong, and no "
+                "certificate rests on it (certified withdrawn, bound_kind 'refuted')")
+    return None
 
 
 def _bar_label(group: Sequence[Spec]) -> str:
