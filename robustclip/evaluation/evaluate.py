@@ -42,7 +42,8 @@ from robustclip.evaluation.checks import (SanityWarning, Tally, cascade_missed, 
 from robustclip.evaluation.craft import (Spec, adversarial, distance, evaluating, row_params, runs,
                                          stages, within_rules)
 from robustclip.evaluation.ensemble import SOUND, Bound, meta_name, model_bound
-from robustclip.evaluation.journal import Journal, cpu_copy, model_digest
+from robustclip.evaluation.journal import (Journal, check_batch_record, check_bound_record, cpu_copy,
+                                           kept_adversarial, model_digest)
 from robustclip.spectral import float64_twin, module_device
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def _journaled_bound(name: str, model: nn.Module, shape: Sequence[int],
     if journal is None or bounds is not True:
         return _bound_of(name, model, shape, bounds, warnings, progress)
     key = journal.key(digest, "lipschitz bound", tuple(shape))
-    saved = journal.get(key)
+    saved = journal.get(key, check_bound_record)
     if saved is not None:
         return Bound(saved["value"], saved["kind"])
     bound = _bound_of(name, model, shape, bounds, warnings, progress)
@@ -301,7 +302,7 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
             for b in mine:
                 x, y = batches[b]
                 key = journal.key(digest, group, seed, b, tensors=(x, y)) if journal is not None else ""
-                record = journal.get(key) if journal is not None else None
+                record = _replayed(journal, key, len(y), len(keys), x.shape[1:], keep_adversarial)
                 if record is not None:
                     loaded += record["seconds"]
                 else:
@@ -353,6 +354,19 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
         evaluation.results.append(result)
         log.info("%s %s %s eps=%g: clean %.4f robust %.4f", name, s.label, s.norm, s.eps,
                  float(result.clean.double().mean()), float(result.robust.double().mean()))
+
+
+def _replayed(journal: Journal | None, key: str, n: int, stages: int, shape: Sequence[int],
+              keep_adversarial: bool) -> dict[str, Any] | None:
+    """The journaled record of a batch of n samples, checked (``Journal.get``,
+    :func:`~robustclip.evaluation.journal.check_batch_record`); None where there is none,
+    or where the adversarial examples are to be kept and it has none (the batch is
+    attacked again)."""
+    record = None if journal is None else journal.get(
+        key, lambda r: check_batch_record(r, n, stages, shape))
+    if record is not None and keep_adversarial and not kept_adversarial(record):
+        return None
+    return record
 
 
 def _bar_label(group: Sequence[Spec]) -> str:

@@ -1,0 +1,202 @@
+"""The attack journal and ``robustclip attack --resume`` cannot be fooled: an edited record,
+a record of another batch or run under this one's name, a malformed record or settings
+file, runs resolved in another working directory, a changed model, and a bad option
+that would leave a journal behind."""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pytest
+import torch
+
+from robustclip.errors import RobustclipError
+from robustclip.evaluation import evaluate, make_cascade, make_spec
+from robustclip.evaluation.craft import runs
+from robustclip.evaluation.journal import Journal, model_digest
+
+evaluate_module = importlib.import_module("robustclip.evaluation.evaluate")
+SPECS = [make_spec("fgsm", 0.1)]
+
+
+def _journaled(models, data, folder: Path, bounds: bool = False, label: str = "a"):
+    x, y = data
+    return evaluate({"a": models[label]}, x, y, SPECS, batch_size=50, bounds=bounds, journal=folder)
+
+
+def _holding(value: Any, key: str) -> dict | None:
+    """The dict inside ``value`` (a loaded journal file) that has ``key``, whatever the
+    file's layout."""
+    if isinstance(value, dict):
+        if key in value:
+            return value
+        value = list(value.values())
+    if isinstance(value, list):
+        return next((d for d in map(lambda v: _holding(v, key), value) if d is not None), None)
+    return None
+
+
+def _edit(path: Path, key: str, change: Callable[[dict], None]) -> None:
+    """Load a journal file, change the record holding ``key`` in place, save it back."""
+    saved = torch.load(path, weights_only=True)
+    change(_holding(saved, key))
+    torch.save(saved, path)
+
+
+def _refused(err: pytest.ExceptionInfo, path: Path, *parts: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "delete it" in message, message
+    assert all(p in message for p in parts), message
+
+
+def _batch_keys(model, data, folder: Path) -> list[str]:
+    """The names of a model's batch records under :data:`SPECS` (batch size 50, seed 0)."""
+    x, y = data
+    journal, group = Journal(folder), runs(SPECS)[0]
+    return [journal.key(model_digest(model), group, 0, b, tensors=(xb, yb))
+            for b, (xb, yb) in enumerate(zip(x.split(50), y.split(50)))]
+
+
+# ------------------------------------------------------------------- 1: edited records
+
+def test_an_edited_batch_record_is_refused(models, data, tmp_path):
+    _journaled(models, data, tmp_path / "j")
+    record = next((tmp_path / "j").glob("*.pt"))
+
+    def flip(r: dict) -> None:
+        r["correct"][0] = ~r["correct"][0]  # robust turned around
+    _edit(record, "correct", flip)
+    with pytest.raises(RobustclipError) as err:
+        _journaled(models, data, tmp_path / "j")
+    _refused(err, record, "changed")
+
+
+def test_an_edited_bound_record_is_refused(models, data, tmp_path):
+    """The Lipschitz bound (which the certificates rest on) is a record too."""
+    _journaled(models, data, tmp_path / "j", bounds=True)
+    (bound,) = [p for p in (tmp_path / "j").glob("*.pt")
+                if _holding(torch.load(p, weights_only=True), "kind") is not None]
+
+    def halve(r: dict) -> None:
+        r["value"] = r["value"] / 2  # twice the certificates
+    _edit(bound, "kind", halve)
+    with pytest.raises(RobustclipError) as err:
+        _journaled(models, data, tmp_path / "j", bounds=True)
+    _refused(err, bound, "changed")
+
+
+# ------------------------------------------------------ 2: records of another batch, run
+
+def test_records_of_another_run_under_this_runs_names_are_refused(models, data, tmp_path):
+    _journaled(models, data, tmp_path / "a")
+    _journaled(models, data, tmp_path / "b", label="b")
+    mine, theirs = (_batch_keys(models[m], data, tmp_path / m) for m in "ab")
+    assert sorted(p.stem for p in (tmp_path / "a").glob("*.pt")) == sorted(mine)
+    for a, b in zip(mine, theirs):
+        shutil.copy(tmp_path / "b" / f"{b}.pt", tmp_path / "a" / f"{a}.pt")
+    with pytest.raises(RobustclipError) as err:
+        _journaled(models, data, tmp_path / "a")
+    _refused(err, tmp_path / "a" / f"{mine[0]}.pt", "another batch or run")
+
+
+def test_a_record_of_another_batch_under_this_batchs_name_is_refused(models, data, tmp_path):
+    _journaled(models, data, tmp_path / "j")
+    first, second = _batch_keys(models["a"], data, tmp_path / "j")
+    shutil.copy(tmp_path / "j" / f"{second}.pt", tmp_path / "j" / f"{first}.pt")
+    with pytest.raises(RobustclipError) as err:
+        _journaled(models, data, tmp_path / "j")
+    _refused(err, tmp_path / "j" / f"{first}.pt", "another batch or run")
+
+
+# --------------------------------------------------------------- 5: malformed records
+
+@pytest.mark.parametrize("content, message", [
+    ({}, "not a journal record robustclip wrote"),
+    ([1, 2], "not a journal record robustclip wrote"),
+])
+def test_a_file_that_is_no_record_is_one_line(models, data, tmp_path, content, message):
+    _journaled(models, data, tmp_path / "j")
+    record = next((tmp_path / "j").glob("*.pt"))
+    torch.save(content, record)
+    with pytest.raises(RobustclipError) as err:
+        _journaled(models, data, tmp_path / "j")
+    _refused(err, record, message)
+
+
+def _shorter(r: dict) -> None:
+    r["correct"][0] = r["correct"][0][:-1]
+
+
+def _no_warnings(r: dict) -> None:
+    del r["warnings"]
+
+
+def _text_ratio(r: dict) -> None:
+    r["ratio"] = "big"
+
+
+def _stray_adversarial(r: dict) -> None:
+    r["adversarial"] = [torch.zeros(3)]
+
+
+@pytest.mark.parametrize("change, message", [
+    (_shorter, "correct[0] has shape (49,), not (50,)"),
+    (lambda r: r.clear(), "lacks correct, distance"),
+    (_no_warnings, "lacks warnings"),
+    (_text_ratio, "ratio or seconds is not a number"),
+    (_stray_adversarial, "adversarial[0] has shape (3,), not (50, 1, 10, 10)"),
+])
+def test_a_malformed_record_with_a_good_digest_is_one_line(models, data, tmp_path, change, message):
+    """A record that matches its digest (written by ``Journal.put``) but does not hold
+    what the evaluation reads: one line naming the file, not a traceback."""
+    _journaled(models, data, tmp_path / "j")
+    journal = Journal(tmp_path / "j")
+    key = _batch_keys(models["a"], data, tmp_path / "j")[1]
+    record = journal.get(key)
+    change(record)
+    journal.put(key, record)
+    with pytest.raises(RobustclipError) as err:
+        _journaled(models, data, tmp_path / "j")
+    _refused(err, tmp_path / "j" / f"{key}.pt", "malformed", message)
+
+
+def test_a_malformed_bound_record_is_one_line(models, data, tmp_path):
+    _journaled(models, data, tmp_path / "j", bounds=True)
+    journal = Journal(tmp_path / "j")
+    key = journal.key(model_digest(models["a"]), "lipschitz bound", (1, 10, 10))
+    journal.put(key, {"value": "3.0", "kind": "upper"})
+    with pytest.raises(RobustclipError) as err:
+        _journaled(models, data, tmp_path / "j", bounds=True)
+    _refused(err, tmp_path / "j" / f"{key}.pt", "malformed", "value is not a number")
+
+
+def test_a_record_without_adversarial_examples_is_attacked_again_when_they_are_kept(
+        models, data, tmp_path, monkeypatch):
+    x, y = data
+    evaluate({"a": models["a"]}, x, y, SPECS, batch_size=50, bounds=False, journal=tmp_path / "j")
+    calls = []
+    real = evaluate_module._attack_batch
+    monkeypatch.setattr(evaluate_module, "_attack_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kept = evaluate({"a": models["a"]}, x, y, SPECS, batch_size=50, bounds=False,
+                    journal=tmp_path / "j", keep_adversarial=True)
+    assert len(calls) == 2 and kept.results[0].adversarial.shape == x.shape
+    again = evaluate({"a": models["a"]}, x, y, SPECS, batch_size=50, bounds=False,
+                     journal=tmp_path / "j", keep_adversarial=True)
+    assert len(calls) == 2 and torch.equal(again.results[0].adversarial, kept.results[0].adversarial)
+
+
+def test_replayed_records_give_the_same_results(models, data, tmp_path):
+    """The checks let every record the evaluation wrote through (bounds, cascades, kept
+    examples)."""
+    x, y = data
+    specs = [make_spec("fgsm", 0.1), make_spec("pgd", 0.1, steps=3), make_cascade("quick", 0.15, steps=2)]
+    first = evaluate(models, x, y, specs, batch_size=30, journal=tmp_path / "j", keep_adversarial=True)
+    again = evaluate(models, x, y, specs, batch_size=30, journal=tmp_path / "j", keep_adversarial=True)
+    for a, b in zip(first.results, again.results):
+        assert torch.equal(a.robust, b.robust) and a.lipschitz_bound == b.lipschitz_bound
+        assert (a.adversarial is None and b.adversarial is None) or torch.equal(a.adversarial, b.adversarial)
+    assert first.warnings == again.warnings
