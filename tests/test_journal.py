@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from robustclip.checkpoint import load
 from robustclip.errors import RobustclipError
 from robustclip.evaluation import evaluate, make_cascade, make_spec
 from robustclip.evaluation.craft import runs
@@ -200,3 +201,136 @@ def test_replayed_records_give_the_same_results(models, data, tmp_path):
         assert torch.equal(a.robust, b.robust) and a.lipschitz_bound == b.lipschitz_bound
         assert (a.adversarial is None and b.adversarial is None) or torch.equal(a.adversarial, b.adversarial)
     assert first.warnings == again.warnings
+
+
+# ------------------------------------------------------------------- robustclip attack
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    """An untrained simpleconv (2 channels) on a 24-sample synthetic MNIST test split (no
+    data to fetch), its weights drawn with ``seed``: a run directory."""
+    from robustclip.checkpoint import save_checkpoint
+    from robustclip.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("simpleconv", "mnist", "none", channels=2)
+    path.mkdir(parents=True)
+    save_checkpoint({"model": {"name": "simpleconv", "args": {"channels": 2}},
+                     "method": {"name": "none", "args": {}}, "dataset": "mnist",
+                     "config": {"data": {"synthetic": True},
+                                "train": {"seed": 1, "limit_train": 8, "limit_test": 24}},
+                     "state_dict": model.state_dict()}, path / "last.pt")
+    return path
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch) -> dict[str, Path]:
+    """Two working directories a/ and b/, each with a run named 'run' (other weights in
+    each), the working directory a/; out: where the results go."""
+    for name, seed in (("a", 0), ("b", 1)):
+        _checkpoint(tmp_path / name / "run", seed)
+    monkeypatch.chdir(tmp_path / "a")
+    return {"a": tmp_path / "a", "b": tmp_path / "b", "out": tmp_path / "out"}
+
+
+ATTACK = ["--attack", "fgsm", "--eps", "0.1", "--batch-size", "8"]
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from robustclip.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def _one_line(result, *parts: str) -> str:
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(p in lines[0] for p in parts), lines[0]
+    return lines[0]
+
+
+def _interrupt(monkeypatch, *args: str) -> None:
+    """``robustclip attack *args``, stopped after its first batch is journaled (the 2nd of 3
+    batches fails), leaving the journal of an interrupted evaluation."""
+    real, calls = evaluate_module._attack_batch, []
+
+    def stopping(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("interrupted (test)")
+        return real(*a, **k)
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "_attack_batch", stopping)
+        result = _cli("attack", *args)
+    assert isinstance(result.exception, RuntimeError), result.output
+
+
+def _table(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "results.csv").drop(columns="seconds")
+
+
+# ------------------------------------------------ 3: --resume from another directory
+
+def test_resume_from_another_directory_loads_the_runs_it_started_with(places, monkeypatch):
+    out = places["out"]
+    assert _cli("attack", "run", *ATTACK, "--out", str(places["a"] / "ref")).exit_code == 0
+    _interrupt(monkeypatch, "run", *ATTACK, "--out", str(out))
+    settings = json.loads((out / ".journal" / "attack.json").read_text())
+    monkeypatch.chdir(places["b"])  # holds another 'run'
+    result = _cli("attack", "--resume", str(out))
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(_table(out), _table(places["a"] / "ref"))
+    assert settings["runs"] == [str(places["a"] / "run")]
+    assert settings["model_digest"] == {"run": model_digest(load(places["a"] / "run"))}
+
+
+def test_resume_refuses_a_run_whose_model_changed(places, monkeypatch):
+    out = places["out"]
+    _interrupt(monkeypatch, "run", *ATTACK, "--out", str(out))
+    shutil.copy(places["b"] / "run" / "last.pt", places["a"] / "run" / "last.pt")  # retrained
+    _one_line(_cli("attack", "--resume", str(out)), f"run {places['a'] / 'run'} (run)",
+              "not the model the interrupted evaluation started with")
+    assert (out / ".journal" / "attack.json").is_file()  # nothing lost
+
+
+# ---------------------------------------------------- 5: a malformed attack.json
+
+def _unknown_key(s: dict) -> Any:
+    return s | {"stepz": 3}
+
+
+def _text_batch_size(s: dict) -> Any:
+    return s | {"batch_size": "8"}
+
+
+def _relative_run(s: dict) -> Any:
+    return s | {"runs": ["run"]}
+
+
+def _no_digest(s: dict) -> Any:
+    return s | {"model_digest": None}
+
+
+def _fractional_limit(s: dict) -> Any:
+    return s | {"limit": 8.5}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: [s], "holds a JSON list, not an object"),
+    (lambda s: {}, "lacks runs, eps, attacks, suite, ..."),
+    (lambda s: {k: v for k, v in s.items() if k != "seed"}, "lacks seed"),
+    (_unknown_key, "has unknown keys stepz"),
+    (_text_batch_size, 'holds batch_size "8", not int'),
+    (_fractional_limit, "holds limit 8.5, not int | None"),
+    (_relative_run, "holds the relative path 'run'"),
+    (_no_digest, "holds no model_digest"),
+])
+def test_a_malformed_settings_file_is_one_line(places, monkeypatch, change, message):
+    out = places["out"]
+    _interrupt(monkeypatch, "run", *ATTACK, "--out", str(out))
+    path = out / ".journal" / "attack.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    monkeypatch.chdir(places["b"])  # where a relative 'run' is another run
+    _one_line(_cli("attack", "--resume", str(out)), str(path), message, "--overwrite")
