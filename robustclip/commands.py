@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import json
+import shutil
 import types
 import typing
 from pathlib import Path
@@ -19,13 +20,14 @@ from torch import Tensor
 
 from robustclip.checkpoint import load_factory, load_runs
 from robustclip.data import data_source, test_set
-from robustclip.distributed import current
+from robustclip.distributed import current, on_main
 from robustclip.errors import RobustclipError
 from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning, check_one_dataset,
                                    evaluate, lipschitz_summary, load_suite, specs_for,
                                    transfer)
 from robustclip.evaluation.attacks import CW_EPS_NOTE
 from robustclip.evaluation.craft import Spec
+from robustclip.evaluation.evaluate import batches_of
 from robustclip.evaluation.journal import Journal, model_digest as digest_of
 from robustclip.files import write_text
 from robustclip.report import (JOURNAL, format_table, journal_dir, results_table, samples_table,
@@ -253,14 +255,17 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
     """Evaluate each dataset's models on its (images, labels); print the table (``echo``)
     and, with ``out`` (a :func:`~robustclip.report.results_dir`), write it with samples.csv
     (and adversarial/), journaling every finished batch meanwhile (``settings``: what
-    ``--resume`` needs to continue).
+    ``--resume`` needs to continue).  The batch size and the data are checked as
+    :func:`~robustclip.evaluation.evaluate` checks them before anything is journaled.
     ``bounds``: as :func:`~robustclip.evaluation.evaluate`'s."""
+    for images, labels in data.values():
+        batches_of(images, labels, batch_size)  # raises RobustclipError
     out_dir = Path(out) if out and current().main else None  # rank 0 alone writes
     journal = None
     if out:
+        if not resume:
+            on_main(current(), lambda: _start_journal(journal_dir(out), settings))
         journal = Journal(journal_dir(out))
-        if settings is not None and current().main and not resume:
-            write_text(journal.folder / SETTINGS, json.dumps(settings, indent=1) + "\n")
     say = _echo if echo else (lambda text="": None)
     total, samples = Evaluation([]), []
     for ds, group in by_dataset.items():
@@ -288,6 +293,15 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
         for path in write_samples(out_dir, pd.concat(samples, ignore_index=True)):
             say(f"wrote {path}")
     return table
+
+
+def _start_journal(folder: Path, settings: Mapping[str, Any] | None) -> None:
+    """Start the journal of a new evaluation in ``folder``: remove that of an earlier one
+    (which ``--overwrite`` replaces) and write ``settings`` (:data:`SETTINGS`) there."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if settings is not None:
+        folder.mkdir(parents=True)
+        write_text(folder / SETTINGS, json.dumps(settings, indent=1) + "\n")
 
 
 def _notes(specs: Sequence[Spec], ensemble_output: str | None) -> list[str]:

@@ -295,6 +295,47 @@ def test_resume_refuses_a_run_whose_model_changed(places, monkeypatch):
     assert (out / ".journal" / "attack.json").is_file()  # nothing lost
 
 
+# --------------------------------------------- 4: a bad option journals nothing
+
+@pytest.mark.parametrize("bad, message", [
+    (["--batch-size", "0"], "must be >= 1, got 0"),
+    (["--limit", "0"], "--limit"),
+    (["--attack", "nope"], "unknown attack 'nope'"),
+    (["{a}/missing"], "run {a}/missing does not exist"),
+])
+def test_a_bad_option_leaves_nothing_behind(places, bad, message):
+    out = places["out"]
+    args = [a.format(a=places["a"]) for a in ["run", *ATTACK, "--out", str(out), *bad]]
+    _one_line(_cli("attack", *args), message.format(a=places["a"]))
+    assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["a", "b"]
+    assert _cli("attack", "run", *ATTACK, "--out", str(out)).exit_code == 0  # the corrected command
+
+
+def test_a_bad_batch_size_is_refused_before_anything_is_printed(places):
+    result = _cli("attack", "run", *ATTACK, "--out", str(places["out"]), "--batch-size", "-1")
+    _one_line(result, "must be >= 1, got -1")
+    assert result.stdout == ""
+
+
+def test_the_python_api_journals_nothing_before_the_batch_size_is_checked(models, data, tmp_path):
+    from robustclip import api
+
+    x, y = data
+    with pytest.raises(RobustclipError, match="batch size must be >= 1"):
+        api.evaluate(models["a"], (x, y), eps=0.1, attacks="fgsm", batch_size=0, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    api.evaluate(models["a"], (x, y), eps=0.1, attacks="fgsm", out=tmp_path / "out")
+
+
+def test_overwrite_keeps_the_journal_until_the_new_evaluation_starts(places, monkeypatch):
+    out = places["out"]
+    _interrupt(monkeypatch, "run", *ATTACK, "--out", str(out))
+    _one_line(_cli("attack", "run", "--attack", "nope", "--eps", "0.1", "--out", str(out),
+                   "--overwrite"), "unknown attack 'nope'")
+    result = _cli("attack", "--resume", str(out))  # the interrupted evaluation is still there
+    assert result.exit_code == 0, result.output
+
+
 # ---------------------------------------------------- 5: a malformed attack.json
 
 def _unknown_key(s: dict) -> Any:
