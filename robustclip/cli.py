@@ -205,6 +205,14 @@ def _default_out() -> str:
     return str(out)
 
 
+def _check_counts(options: dict) -> None:
+    """--batch-size and --limit (where given) are at least 1, else RobustclipError: checked
+    before anything is printed, imported or written."""
+    for name in ("batch_size", "limit"):
+        if options[name] is not None and options[name] < 1:
+            raise RobustclipError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
+
+
 @main.command(name="attack")
 @click.argument("runs", nargs=-1, type=click.Path())
 @_with(_EVAL_OPTIONS)
@@ -246,6 +254,7 @@ def attack_cmd(ctx: click.Context, backend: str | None, resume: str | None, **op
             raise RobustclipError(f"--resume takes the settings of the interrupted evaluation; "
                                   f"drop {', '.join(given)}")
     else:
+        _check_counts(options)
         options["out"] = options["out"] or _default_out()
     out = resume or options["out"]
     if int(os.environ.get("RANK", "0")) == 0:

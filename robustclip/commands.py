@@ -4,7 +4,12 @@ a click shell over these; ``report.py`` only renders and writes.
 """
 from __future__ import annotations
 
+import collections.abc
+import inspect
 import json
+import shutil
+import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,14 +20,15 @@ from torch import Tensor
 
 from robustclip.checkpoint import load_factory, load_runs
 from robustclip.data import data_source, test_set
-from robustclip.distributed import current
+from robustclip.distributed import current, on_main
 from robustclip.errors import RobustclipError
 from robustclip.evaluation import (Cascade, Ensemble, Evaluation, SanityWarning, check_one_dataset,
                                    evaluate, lipschitz_summary, load_suite, specs_for,
                                    transfer)
 from robustclip.evaluation.attacks import CW_EPS_NOTE
 from robustclip.evaluation.craft import Spec
-from robustclip.evaluation.journal import Journal
+from robustclip.evaluation.evaluate import batches_of
+from robustclip.evaluation.journal import Journal, model_digest as digest_of
 from robustclip.files import write_text
 from robustclip.report import (JOURNAL, format_table, journal_dir, results_table, samples_table,
                                write_adversarial, write_lipschitz, write_results, write_samples,
@@ -68,15 +74,101 @@ SETTINGS = "attack.json"
 ``--resume OUT`` continues with the same ones."""
 
 
+_NOT_KEPT = ("out", "overwrite", "resume", "device")
+"""The parameters of :func:`attack_command` that the settings leave out (``--resume``
+gives them)."""
+
+_PATHS = ("weights", "suite", "data_dir")
+"""The settings besides ``runs`` that are paths, kept absolute."""
+
+
 def saved_settings(out: str | Path) -> dict[str, Any]:
-    """The settings an interrupted ``robustclip attack --out OUT`` was started with."""
+    """The settings an interrupted ``robustclip attack --out OUT`` was started with, checked
+    by :func:`settings_problem`; a missing, unreadable or malformed file raises
+    RobustclipError saying what is wrong and what to do."""
     path = Path(out) / JOURNAL / SETTINGS
     if not path.is_file():
         raise RobustclipError(f"--resume {out}: no interrupted evaluation there (no {JOURNAL}/{SETTINGS})")
     try:
-        return json.loads(path.read_text())
+        settings = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
-        raise RobustclipError(f"--resume {out}: {path} is not the JSON robustclip wrote") from None
+        settings, problem = None, "is not JSON"
+    else:
+        problem = settings_problem(settings)
+    if problem:
+        raise RobustclipError(f"--resume {out}: {path} {problem}, so it is not the settings robustclip "
+                              f"wrote; restore it, or start the evaluation again with --out {out} "
+                              "--overwrite")
+    return settings
+
+
+def settings_problem(settings: Any) -> str | None:
+    """What is wrong with ``settings`` (a loaded :data:`SETTINGS` file), or None.
+
+    They must be a JSON object holding exactly the parameters of :func:`attack_command`
+    that are kept (all but :data:`_NOT_KEPT`), each fitting its type hint
+    (:func:`_fits`), the runs and the :data:`_PATHS` absolute (a relative path would
+    resolve in the working directory of the resume), and ``model_digest`` an object."""
+    if not isinstance(settings, dict):
+        return f"holds a JSON {type(settings).__name__}, not an object"
+    hints = _kept_hints()
+    missing = [k for k in hints if k not in settings]
+    if missing:
+        return f"lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+    unknown = [str(k) for k in settings if k not in hints]
+    if unknown:
+        return f"has unknown keys {', '.join(unknown)}"
+    for key, hint in hints.items():
+        if not _fits(settings[key], hint):
+            return f"holds {key} {json.dumps(settings[key])[:40]}, not {_annotation(key)}"
+    relative = [p for p in [*settings["runs"], *(settings[k] for k in _PATHS)]
+                if p is not None and not Path(p).is_absolute()]
+    if relative:
+        return f"holds the relative path {relative[0]!r}"
+    if settings["model_digest"] is None:
+        return "holds no model_digest"
+    return None
+
+
+def _kept_hints() -> dict[str, Any]:
+    """Parameter name -> type hint of the parameters of :func:`attack_command` that the
+    settings keep."""
+    hints = typing.get_type_hints(attack_command)
+    return {name: hints[name] for name in _parameters() if name not in _NOT_KEPT}
+
+
+def _parameters() -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(attack_command).parameters
+
+
+def _annotation(name: str) -> str:
+    """The type of :func:`attack_command`'s parameter ``name`` as written in its signature."""
+    return str(_parameters()[name].annotation)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type hint: a list for a Sequence, an object for a
+    Mapping, a number for a float, an integer (not a bool) for an int."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is collections.abc.Sequence:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is collections.abc.Mapping:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1])
+                                               for k, v in value.items())
+    if hint in (int, float):
+        return isinstance(value, (int, hint)) and not isinstance(value, bool)
+    return isinstance(value, hint)  # str, bool, NoneType
+
+
+def _absolute(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the runs and the :data:`_PATHS` given as absolute, resolved paths,
+    so that ``--resume`` from another working directory loads the same files."""
+    def resolve(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+    return settings | {"runs": [resolve(r) for r in settings["runs"]]} | {
+        k: resolve(settings[k]) for k in _PATHS if settings[k] is not None}
 
 
 @writes_results  # lock --out; write a fresh directory, swapped in whole at the end
@@ -87,16 +179,22 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
                    norm: str | None = None, quick: bool = False, steps: int | None = None,
                    n_restarts: int | None = None, model: str | None = None,
                    weights: str | None = None, dataset: str | None = None,
-                   resume: bool = False, save_adversarial: bool = False) -> pd.DataFrame:
+                   resume: bool = False, save_adversarial: bool = False,
+                   model_digest: Mapping[str, str] | None = None) -> pd.DataFrame:
     """``robustclip attack``: white-box attacks on each run (and their ensemble), per dataset.
 
     Without attacks or a suite: the standard cascade (AutoAttack's; ``quick``: APGD-CE and
     APGD-T only) in ``norm`` (default Linf) at each eps.  ``model`` 'pkg.module:factory'
     (with ``weights``, on ``dataset``) adds your own model to the runs.  With ``out``
-    every finished batch is journaled there; ``resume`` continues an interrupted
-    evaluation (:func:`saved_settings` gives the settings it was started with).
+    every finished batch is journaled there, with the settings (:data:`SETTINGS`: the
+    paths absolute, ``model_digest`` the models' digests); ``resume`` continues an
+    interrupted evaluation (:func:`saved_settings` gives the settings it was started with).
+    ``model_digest``: label -> :func:`~robustclip.evaluation.journal.model_digest` of the
+    models (the runs, then ``model``) as the evaluation started; a model that differs
+    raises RobustclipError naming its run (:func:`_as_started`).  Nothing is journaled
+    before the options, specs, runs and data are checked.
     """
-    settings = {k: v for k, v in locals().items() if k not in ("out", "overwrite", "resume", "device")}
+    settings = _absolute({k: v for k, v in locals().items() if k not in _NOT_KEPT})
     specs, suite_name = attack_specs(eps, attacks, suite, norm, "quick" if quick else "standard",
                                      {"steps": steps, "n_restarts": n_restarts})
     if (model is None) != (dataset is None):
@@ -105,12 +203,17 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
         raise RobustclipError("--weights goes with --model")
     if not runs and not model:
         raise RobustclipError("give RUNs (run dirs or checkpoints) or --model pkg.module:factory")
-    models = load_runs(runs, device)
+    models, sources = load_runs(runs, device), list(runs)
     if model:
         label, own = load_factory(model, weights, dataset, device)
         if label in models:
             raise RobustclipError(f"--model {model}: a run is already named {label}")
         models[label] = own
+        sources.append(f"--model {model}")
+    if model_digest is None:
+        settings["model_digest"] = {label: digest_of(m) for label, m in models.items()}
+    else:
+        models = _as_started(models, sources, model_digest)
     if ensemble:
         check_one_dataset(list(models.values()))
         models[f"ensemble({','.join(models)};{ensemble_output})"] = Ensemble(
@@ -125,6 +228,23 @@ def attack_command(runs: Sequence[str], eps: Sequence[float], attacks: Sequence[
                               save_adversarial=save_adversarial, settings=settings)
 
 
+def _as_started(models: Mapping[str, nn.Module], sources: Sequence[str],
+                started: Mapping[str, str]) -> dict[str, nn.Module]:
+    """The models of a resumed evaluation (loaded from ``sources``: the runs, then
+    --model) under the labels it started with: ``started`` maps those labels, in the same
+    order, to the model digests the models had then.  A model whose digest differs (its
+    run was retrained, overwritten or replaced) raises RobustclipError naming its run."""
+    if len(started) != len(models):
+        raise RobustclipError(f"the interrupted evaluation started with {len(started)} models, "
+                              f"not {len(models)}; start it again with --overwrite")
+    for (label, digest), source, m in zip(started.items(), sources, models.values()):
+        if digest_of(m) != digest:
+            raise RobustclipError(f"run {source} ({label}) is not the model the interrupted evaluation "
+                                  "started with (its class or weights changed); restore it, or "
+                                  "start the evaluation again with --overwrite")
+    return dict(zip(started, models.values()))
+
+
 def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
                        data: Mapping[str, tuple[Tensor, Tensor]], specs: Sequence[Spec],
                        suite_name: str | None, *, batch_size: int, seed: int,
@@ -135,14 +255,17 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
     """Evaluate each dataset's models on its (images, labels); print the table (``echo``)
     and, with ``out`` (a :func:`~robustclip.report.results_dir`), write it with samples.csv
     (and adversarial/), journaling every finished batch meanwhile (``settings``: what
-    ``--resume`` needs to continue).
+    ``--resume`` needs to continue).  The batch size and the data are checked as
+    :func:`~robustclip.evaluation.evaluate` checks them before anything is journaled.
     ``bounds``: as :func:`~robustclip.evaluation.evaluate`'s."""
+    for images, labels in data.values():
+        batches_of(images, labels, batch_size)  # raises RobustclipError
     out_dir = Path(out) if out and current().main else None  # rank 0 alone writes
     journal = None
     if out:
+        if not resume:
+            on_main(current(), lambda: _start_journal(journal_dir(out), settings))
         journal = Journal(journal_dir(out))
-        if settings is not None and current().main and not resume:
-            write_text(journal.folder / SETTINGS, json.dumps(settings, indent=1) + "\n")
     say = _echo if echo else (lambda text="": None)
     total, samples = Evaluation([]), []
     for ds, group in by_dataset.items():
@@ -170,6 +293,15 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
         for path in write_samples(out_dir, pd.concat(samples, ignore_index=True)):
             say(f"wrote {path}")
     return table
+
+
+def _start_journal(folder: Path, settings: Mapping[str, Any] | None) -> None:
+    """Start the journal of a new evaluation in ``folder``: remove that of an earlier one
+    (which ``--overwrite`` replaces) and write ``settings`` (:data:`SETTINGS`) there."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if settings is not None:
+        folder.mkdir(parents=True)
+        write_text(folder / SETTINGS, json.dumps(settings, indent=1) + "\n")
 
 
 def _notes(specs: Sequence[Spec], ensemble_output: str | None) -> list[str]:

@@ -120,8 +120,6 @@ def _open_results(out: Path, overwrite: bool, stack: ExitStack, resume: bool = F
                                   f"--resume {out}, or start again with --overwrite")
         if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
             raise RobustclipError(f"--out {out} is not empty; pass --overwrite to replace its results")
-        if overwrite and not resume:
-            shutil.rmtree(journal, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f"{_WORK}{out.name}.", dir=out.parent))
         stack.callback(shutil.rmtree, work, ignore_errors=True)  # unless swapped into place
         # mkdtemp makes 0700: give the mode a plain mkdir (or the old out) has
@@ -159,7 +157,8 @@ def results_dir(out: str | Path | None, overwrite: bool,
     An evaluation journals its finished batches in ``out``/:data:`JOURNAL`
     (:func:`journal_dir`), which the final swap removes.  ``resume`` continues such an
     interrupted evaluation (its journal is required); a journal without ``resume`` is
-    refused, and ``overwrite`` deletes it.
+    refused unless ``overwrite`` (the new evaluation removes it when it starts journaling,
+    ``commands.evaluate_and_write``: a command refused before that leaves it whole).
     """
     from robustclip.distributed import current, on_main
 

@@ -42,7 +42,8 @@ from robustclip.evaluation.checks import (SanityWarning, Tally, cascade_missed, 
 from robustclip.evaluation.craft import (Spec, adversarial, distance, evaluating, row_params, runs,
                                          stages, within_rules)
 from robustclip.evaluation.ensemble import SOUND, Bound, meta_name, model_bound
-from robustclip.evaluation.journal import Journal, cpu_copy, model_digest
+from robustclip.evaluation.journal import (Journal, check_batch_record, check_bound_record, cpu_copy,
+                                           kept_adversarial, model_digest)
 from robustclip.spectral import float64_twin, module_device
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _journaled_bound(name: str, model: nn.Module, shape: Sequence[int],
     if journal is None or bounds is not True:
         return _bound_of(name, model, shape, bounds, warnings, progress)
     key = journal.key(digest, "lipschitz bound", tuple(shape))
-    saved = journal.get(key)
+    saved = journal.get(key, check_bound_record)
     if saved is not None:
         return Bound(saved["value"], saved["kind"])
     bound = _bound_of(name, model, shape, bounds, warnings, progress)
@@ -296,7 +297,7 @@ def _evaluate_model(name: str, model: nn.Module, batches: list[tuple[Tensor, Ten
             for b in mine:
                 x, y = batches[b]
                 key = journal.key(digest, group, seed, b, tensors=(x, y)) if journal is not None else ""
-                record = journal.get(key) if journal is not None else None
+                record = _replayed(journal, key, len(y), len(keys), x.shape[1:], keep_adversarial)
                 if record is not None:
                     loaded += record["seconds"]
                 else:
@@ -383,6 +384,19 @@ def refutation(bound: Bound, empirical: float,
                 f"({bound.kind}) are broken by an attack: the bound is wrong, and no "
                 "certificate rests on it (certified withdrawn, bound_kind 'refuted')")
     return None
+
+
+def _replayed(journal: Journal | None, key: str, n: int, stages: int, shape: Sequence[int],
+              keep_adversarial: bool) -> dict[str, Any] | None:
+    """The journaled record of a batch of n samples, checked (``Journal.get``,
+    :func:`~robustclip.evaluation.journal.check_batch_record`); None where there is none,
+    or where the adversarial examples are to be kept and it has none (the batch is
+    attacked again)."""
+    record = None if journal is None else journal.get(
+        key, lambda r: check_batch_record(r, n, stages, shape))
+    if record is not None and keep_adversarial and not kept_adversarial(record):
+        return None
+    return record
 
 
 def _bar_label(group: Sequence[Spec]) -> str:
