@@ -135,17 +135,15 @@ def load_runs(runs: Sequence[str], device: str | None = None) -> dict[str, nn.Mo
     """label -> model (eval mode) for each run dir or checkpoint, via ``robustclip.load``.
 
     Labels are the run names (file stems), or the paths where names collide.  A missing
-    or unreadable checkpoint raises RobustclipError naming it.
+    or unreadable checkpoint raises RobustclipError naming it, and so does a run given
+    twice (:func:`check_distinct`).
     """
     dev = None if device is None else resolve_device(device)
+    check_distinct(runs)
     names = [Path(r).stem if Path(r).is_file() else Path(r).name for r in runs]
     labels = names if len(set(names)) == len(names) else [str(r) for r in runs]
-    if len(set(labels)) != len(labels):
-        raise RobustclipError("the same run is given twice")
     models = {}
     for label, run in zip(labels, runs):
-        if not Path(run).exists():
-            raise RobustclipError(f"run {run} does not exist")
         try:
             models[label] = load(run, device=dev).eval()
         except RobustclipError:
@@ -155,6 +153,23 @@ def load_runs(runs: Sequence[str], device: str | None = None) -> dict[str, nn.Mo
         if not getattr(models[label], "robustclip_meta", {}).get("dataset"):
             raise RobustclipError(f"checkpoint {run} does not record its dataset")
     return models
+
+
+def check_distinct(runs: Sequence[str]) -> None:
+    """Refuse a checkpoint given twice, whatever the spelling (``runs/a``, ``./runs/a``,
+    ``runs/a/last.pt``, a link to it): the checkpoint files the runs name are compared as
+    files (device and inode).  A missing run or a run directory without ``last.pt``
+    raises RobustclipError naming it; a checkpoint given twice, naming both spellings."""
+    seen: dict[tuple[int, int], str] = {}
+    for run in runs:
+        if not Path(run).exists():
+            raise RobustclipError(f"run {run} does not exist")
+        stat = checkpoint_file(run).stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen:
+            raise RobustclipError(f"the same run is given twice: {seen[key]} and {run} are one "
+                                  f"checkpoint; give each run once")
+        seen[key] = run
 
 
 def load_factory(spec: str, weights: str | Path | None, dataset: str,
