@@ -57,6 +57,22 @@ def checkpoint_file(path_or_run_dir: str | Path) -> Path:
     return path
 
 
+RUN_MARKERS = (("last.pt",), ("best.pt",), ("config.toml", "metrics.csv"))
+"""What ``robustclip train`` writes into a run directory, any one group of which marks a
+folder as a training run (config.toml and metrics.csv come first, before any epoch)."""
+
+
+def is_run_dir(folder: str | Path) -> bool:
+    """Whether ``folder`` is a training run directory: it holds all the files of one group
+    of :data:`RUN_MARKERS` (a missing or unreadable folder is not one)."""
+    def present(name: str) -> bool:
+        try:
+            return (Path(folder) / name).is_file()
+        except OSError:  # a folder that may not be searched
+            return False
+    return any(all(present(name) for name in group) for group in RUN_MARKERS)
+
+
 def read_checkpoint(path_or_run_dir: str | Path) -> dict[str, Any]:
     """Load a robustclip checkpoint safely (weights only, CPU tensors) and check its format."""
     path = checkpoint_file(path_or_run_dir)

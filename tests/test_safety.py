@@ -59,3 +59,75 @@ def test_a_run_given_twice_in_any_spelling_is_refused(run, monkeypatch, command)
     for twice in (["runs/a", "./runs/a"], ["runs/a", "runs/a/last.pt"], ["runs/a/", str(run)]):
         _refused(_cli(command, *twice, *options), "the same run is given twice",
                  f"{twice[0]} and {twice[1]}")
+
+
+# ------------------------------------------- --out: never a run or the data, --overwrite ours only
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> content)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["attack", "transfer", "lipschitz"])
+def test_out_may_not_be_contain_or_lie_inside_a_run(run, monkeypatch, command):
+    _no_work(monkeypatch)
+    options = FGSM if command != "lipschitz" else ()
+    before = _tree(run.parent)
+    assert {"a/last.pt", "a/config.toml", "a/metrics.csv"} <= set(before)
+    assert any(name.startswith("a/events.out.tfevents.") for name in before)
+    for out, relation in [(run, "is"), (run.parent, "contains"), (run / "results", "lies inside")]:
+        for extra in ([], ["--overwrite"]):
+            _refused(_cli(command, str(run), *options, "--out", str(out), *extra),
+                     f"--out {out} {relation} the training run directory {run}")
+    assert _tree(run.parent) == before and not (run / "results").exists()
+
+
+def test_out_may_not_be_contain_or_lie_inside_the_data_root(run, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    root = tmp_path / "data"
+    (root / "MNIST").mkdir(parents=True)
+    (root / "MNIST" / "images").write_bytes(b"pixels")
+    for out, relation in [(root, "is"), (tmp_path, "contains"), (root / "MNIST" / "out", "lies inside")]:
+        for extra in ([], ["--overwrite"]):
+            _refused(_cli("attack", str(run), *FGSM, "--data-dir", str(root), "--out", str(out), *extra),
+                     f"--out {out} {relation} the data root {root}")
+    monkeypatch.setenv("ROBUSTCLIP_DATA", str(root))  # the data root in use, without --data-dir
+    _refused(_cli("lipschitz", str(run), "--out", str(root), "--overwrite"), "the data root")
+    assert _tree(root) == {"MNIST/images": b"pixels"}
+
+
+def test_overwrite_replaces_only_a_results_directory_of_robustclip(run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["attack", str(run), *FGSM, "--save-adversarial", "--data-dir", str(tmp_path / "no-data"),
+            "--out", str(out)]
+    assert _cli(*args).exit_code == 0
+    assert _cli(*args, "--overwrite").exit_code == 0  # its own results, adversarial/ included
+    results = _tree(out)
+    assert {"results.json", "environment.json", "adversarial/a.pt"} <= set(results)
+    _no_work(monkeypatch)
+    for foreign, named in [("notes.txt", "(notes.txt)"), ("adversarial/notes.txt", "(adversarial/notes.txt)"),
+                           ("thesis/chapter.tex", "(thesis)")]:
+        (out / foreign).parent.mkdir(exist_ok=True)
+        (out / foreign).write_text("mine")
+        _refused(_cli(*args, "--overwrite"), f"--out {out} holds files robustclip did not write", named)
+        assert _tree(out) == results | {foreign: b"mine"}
+        (out / foreign).unlink()
+    (out / "thesis").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (out / "results.md").unlink()
+    (out / "results.md").symlink_to(tmp_path / "elsewhere")  # a link is not robustclip's either
+    _refused(_cli(*args, "--overwrite"), "holds files robustclip did not write (results.md)")
+
+
+def test_out_that_came_to_hold_foreign_files_is_not_replaced(tmp_path):
+    from robustclip.report import results_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("old\n")
+    with pytest.raises(RobustclipError, match=r"holds files robustclip did not write \(notes.txt\)"):
+        with results_dir(out, overwrite=True) as work:
+            (work / "results.csv").write_text("new\n")
+            (out / "notes.txt").write_text("written meanwhile")
+    assert _tree(out) == {"results.csv": b"old\n", "notes.txt": b"written meanwhile"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no work dir, no lock left
