@@ -131,3 +131,31 @@ def test_out_that_came_to_hold_foreign_files_is_not_replaced(tmp_path):
             (out / "notes.txt").write_text("written meanwhile")
     assert _tree(out) == {"results.csv": b"old\n", "notes.txt": b"written meanwhile"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no work dir, no lock left
+
+
+def test_train_overwrite_removes_only_the_files_robustclip_wrote(run, tmp_path):
+    from robustclip.config import to_toml
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(to_toml(tiny("none")))
+    out = tmp_path / "project"
+    out.mkdir()
+    torch.save({"weight": torch.zeros(2)}, out / "last.pt")  # another program's checkpoint
+    (out / "config.toml").write_text('[tool.black]\nline-length = 100\n')
+    (out / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    (out / "environment.json").write_text('{"name": "base"}\n')
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    _refused(_cli("train", "--config", str(config), "--out", str(out), "--overwrite"),
+             f"run directory {out} holds config.toml, environment.json, last.pt, metrics.csv "
+             "that robustclip did not write")
+    assert _tree(out) == before
+    for name in ("config.toml", "environment.json", "last.pt", "metrics.csv"):
+        (out / name).unlink()
+        (out / name).write_bytes((run / name).read_bytes())  # a run's own: these go
+    events = next(run.glob("events.out.tfevents.*"))
+    (out / events.name).write_bytes(events.read_bytes())
+    assert _cli("train", "--config", str(config), "--out", str(out), "--overwrite").exit_code == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "last.pt").is_file()
+    assert not (out / events.name).exists()  # the old run's events went, the new run's are there
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
