@@ -24,9 +24,9 @@ from robustclip.evaluation.attacks import CW_EPS_NOTE
 from robustclip.evaluation.craft import Spec
 from robustclip.evaluation.journal import Journal
 from robustclip.files import write_text
-from robustclip.report import (JOURNAL, format_table, journal_dir, results_table, samples_table,
-                               write_adversarial, write_lipschitz, write_results, write_samples,
-                               write_transfer, writes_results)
+from robustclip.report import (JOURNAL, adversarial_names, format_table, journal_dir,
+                               results_table, samples_table, write_adversarial, write_lipschitz,
+                               write_results, write_samples, write_transfer, writes_results)
 from robustclip.spectral import module_device
 
 
@@ -144,6 +144,8 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
         if settings is not None and current().main and not resume:
             write_text(journal.folder / SETTINGS, json.dumps(settings, indent=1) + "\n")
     say = _echo if echo else (lambda text="": None)
+    names = adversarial_names([label for group in by_dataset.values() for label in group]) \
+        if save_adversarial else {}  # one file each, whichever dataset a model is of
     total, samples = Evaluation([]), []
     for ds, group in by_dataset.items():
         images, labels = data[ds]
@@ -155,7 +157,7 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
         if out_dir:
             samples.append(samples_table(part.results, labels))
             if save_adversarial:
-                for path in write_adversarial(out_dir, part.results, labels):
+                for path in write_adversarial(out_dir, part.results, labels, names):
                     say(f"wrote {path}")
     table = results_table(total.results)
     table.attrs["warnings"] = [str(w) for w in total.warnings]

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import inspect
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import matplotlib
 
@@ -414,10 +416,29 @@ def _file_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
-def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -> list[Path]:
-    """adversarial/<model>.pt per model (``torch.load(weights_only=True)`` reads it): a dict
-    with labels (n,) and rows, each {attack, norm, eps, robust (n,), x_adv (n, C, H, W)}:
-    the examples each row scored (x itself where its attack left a sample alone)."""
+def adversarial_names(models: Sequence[str]) -> dict[str, str]:
+    """Model label -> its file name under adversarial/ (without ``.pt``): the label with
+    each character other than letters, digits and ``._-`` made ``_``; where labels come
+    out the same that way, or differ only in case (one file on a case-insensitive disk),
+    each of them with ``-`` and 8 hex digits of the label's sha256 added.  Names that
+    still collide raise RobustclipError."""
+    names = {model: _file_name(model) for model in models}
+    count = Counter(name.casefold() for name in names.values())
+    names = {model: name if count[name.casefold()] == 1 else
+             f"{name}-{hashlib.sha256(model.encode()).hexdigest()[:8]}" for model, name in names.items()}
+    if len({name.casefold() for name in names.values()}) < len(names):
+        raise RobustclipError(f"models {', '.join(names)} need distinct names for adversarial/")
+    return names
+
+
+def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any,
+                      names: Mapping[str, str] | None = None) -> list[Path]:
+    """adversarial/<name>.pt per model (``torch.load(weights_only=True)`` reads it): a dict
+    with the model's label, labels (n,) and rows, each {attack, norm, eps, robust (n,),
+    x_adv (n, C, H, W)}: the examples each row scored (x itself where its attack left a
+    sample alone).  ``names``: model label -> file name (default
+    :func:`adversarial_names` of the models of ``results``; give those of every model of
+    the command when it writes in several calls)."""
     import torch
 
     by_model: dict[str, list[dict]] = {}
@@ -426,6 +447,7 @@ def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -
             by_model.setdefault(r.model, []).append(
                 {"attack": r.attack, "norm": r.norm, "eps": r.eps, "robust": r.robust,
                  "x_adv": r.adversarial})
+    names = adversarial_names(list(by_model)) if names is None else names
     written = []
     for model, rows in by_model.items():
         payload = {"model": model, "labels": labels[:len(rows[0]["robust"])].cpu(), "rows": rows}
@@ -433,7 +455,7 @@ def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -
         def save(tmp: Path, payload: dict = payload) -> None:
             with open(tmp, "wb") as f:
                 torch.save(payload, f)
-        path = out / "adversarial" / f"{_file_name(model)}.pt"
+        path = out / "adversarial" / f"{names[model]}.pt"
         path.parent.mkdir(exist_ok=True)
         written.append(atomic_write(path, save))
     return _final(written)

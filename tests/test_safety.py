@@ -159,3 +159,34 @@ def test_train_overwrite_removes_only_the_files_robustclip_wrote(run, tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "last.pt").is_file()
     assert not (out / events.name).exists()  # the old run's events went, the new run's are there
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
+
+
+# ------------------------------------------------------- adversarial/: one file per model
+
+def test_adversarial_names_are_distinct_and_deterministic():
+    from robustclip.report import adversarial_names
+
+    names = adversarial_names(["run 1", "run_1", "Run_1", "b/c", "plain"])
+    assert names["plain"] == "plain" and names["b/c"] == "b_c"  # no collision: the label made safe
+    colliding = [names[label] for label in ("run 1", "run_1", "Run_1")]
+    assert len({n.casefold() for n in colliding}) == 3  # distinct on a case-insensitive disk too
+    assert all(n.casefold().startswith("run_1-") for n in colliding)
+    assert adversarial_names(["Run_1", "run_1", "run 1"]) == {k: names[k] for k in ("Run_1", "run_1", "run 1")}
+
+
+def test_save_adversarial_writes_one_file_per_model(run, tmp_path):
+    from robustclip.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    other = train(tiny("none", "train.seed=2"), tmp_path / "runs" / "run_1")  # its own test split
+    torch.set_num_threads(threads)
+    (tmp_path / "runs" / "run 1").mkdir()
+    (tmp_path / "runs" / "run 1" / "last.pt").write_bytes((run / "last.pt").read_bytes())
+    out = tmp_path / "out"
+    result = _cli("attack", str(tmp_path / "runs" / "run 1"), str(other), *FGSM, "--save-adversarial",
+                  "--data-dir", str(tmp_path / "no-data"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    files = sorted((out / "adversarial").iterdir())
+    saved = {torch.load(f, weights_only=True)["model"]: f.name for f in files}
+    assert set(saved) == {"run 1", "run_1"} and len(files) == 2, saved
