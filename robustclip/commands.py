@@ -40,7 +40,9 @@ def attack_specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None
                  norm: str | None = None, default: str = "standard",
                  overrides: Mapping[str, Any] | None = None) -> tuple[list, str | None]:
     """The specs of a command: a suite's, else each --attack (default ``default``) at each
-    --eps in ``norm``; ``overrides`` (--steps, --n-restarts) go to every attack having them."""
+    --eps in ``norm``; ``overrides`` (--steps, --n-restarts) go to every attack having them.
+    An eps given twice (0.1 and 1/10 are one) raises RobustclipError."""
+    _check_distinct_eps(eps)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if suite:
         if overrides:
@@ -54,6 +56,13 @@ def attack_specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None
     if not eps:
         raise RobustclipError("give --eps (one or more) or a --suite")
     return specs_for(list(attacks) or [default], list(eps), norm, **overrides), None
+
+
+def _check_distinct_eps(eps: Sequence[float]) -> None:
+    """Refuse an eps given twice: each would be attacked twice, one row beside the other."""
+    twice = next((e for i, e in enumerate(eps) if e in eps[:i]), None)
+    if twice is not None:
+        raise RobustclipError(f"--eps {twice:g} is given twice; give each budget once")
 
 
 def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:

@@ -190,3 +190,23 @@ def test_save_adversarial_writes_one_file_per_model(run, tmp_path):
     files = sorted((out / "adversarial").iterdir())
     saved = {torch.load(f, weights_only=True)["model"]: f.name for f in files}
     assert set(saved) == {"run 1", "run_1"} and len(files) == 2, saved
+
+
+# ------------------------------------------------------------------- one eps given twice
+
+@pytest.mark.parametrize("command, twice", [("attack", ["0.1", "0.1"]), ("attack", ["0.1", "1/10"]),
+                                            ("transfer", ["1/10", "0.2", "0.1"])])
+def test_an_eps_given_twice_is_refused(run, tmp_path, monkeypatch, command, twice):
+    monkeypatch.chdir(tmp_path)  # attack's default --out is made there
+    _no_work(monkeypatch)
+    eps = [arg for e in twice for arg in ("--eps", e)]
+    _refused(_cli(command, str(run), *eps, "--attack", "fgsm", "--limit", "8"),
+             "--eps 0.1 is given twice; give each budget once")
+
+
+def test_api_evaluate_refuses_an_eps_given_twice(models, data):
+    import robustclip
+
+    with pytest.raises(RobustclipError, match="--eps 0.1 is given twice"):
+        robustclip.evaluate(models["a"], (data[0][:8], data[1][:8]), eps=[0.1, "1/10"],
+                            attacks="fgsm", bounds=False)
