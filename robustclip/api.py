@@ -122,7 +122,7 @@ def evaluate(model: nn.Module | Mapping[str, nn.Module], data: Any,
                                      norm, "quick" if quick else "standard",
                                      {"steps": steps, "n_restarts": n_restarts})
     images, labels = _tensors(data, limit, data_dir)
-    with results_dir(out, overwrite, resume) as work:
+    with results_dir(out, overwrite, resume, data_dir) as work:
         return evaluate_and_write({"data": models}, {"data": (images, labels)}, specs, suite_name,
                                   batch_size=batch_size, seed=seed, ensemble_output=None,
                                   out=None if work is None else str(work), resume=resume,

@@ -57,6 +57,22 @@ def checkpoint_file(path_or_run_dir: str | Path) -> Path:
     return path
 
 
+RUN_MARKERS = (("last.pt",), ("best.pt",), ("config.toml", "metrics.csv"))
+"""What ``robustclip train`` writes into a run directory, any one group of which marks a
+folder as a training run (config.toml and metrics.csv come first, before any epoch)."""
+
+
+def is_run_dir(folder: str | Path) -> bool:
+    """Whether ``folder`` is a training run directory: it holds all the files of one group
+    of :data:`RUN_MARKERS` (a missing or unreadable folder is not one)."""
+    def present(name: str) -> bool:
+        try:
+            return (Path(folder) / name).is_file()
+        except OSError:  # a folder that may not be searched
+            return False
+    return any(all(present(name) for name in group) for group in RUN_MARKERS)
+
+
 def read_checkpoint(path_or_run_dir: str | Path) -> dict[str, Any]:
     """Load a robustclip checkpoint safely (weights only, CPU tensors) and check its format."""
     path = checkpoint_file(path_or_run_dir)
@@ -135,17 +151,15 @@ def load_runs(runs: Sequence[str], device: str | None = None) -> dict[str, nn.Mo
     """label -> model (eval mode) for each run dir or checkpoint, via ``robustclip.load``.
 
     Labels are the run names (file stems), or the paths where names collide.  A missing
-    or unreadable checkpoint raises RobustclipError naming it.
+    or unreadable checkpoint raises RobustclipError naming it, and so does a run given
+    twice (:func:`check_distinct`).
     """
     dev = None if device is None else resolve_device(device)
+    check_distinct(runs)
     names = [Path(r).stem if Path(r).is_file() else Path(r).name for r in runs]
     labels = names if len(set(names)) == len(names) else [str(r) for r in runs]
-    if len(set(labels)) != len(labels):
-        raise RobustclipError("the same run is given twice")
     models = {}
     for label, run in zip(labels, runs):
-        if not Path(run).exists():
-            raise RobustclipError(f"run {run} does not exist")
         try:
             models[label] = load(run, device=dev).eval()
         except RobustclipError:
@@ -155,6 +169,23 @@ def load_runs(runs: Sequence[str], device: str | None = None) -> dict[str, nn.Mo
         if not getattr(models[label], "robustclip_meta", {}).get("dataset"):
             raise RobustclipError(f"checkpoint {run} does not record its dataset")
     return models
+
+
+def check_distinct(runs: Sequence[str]) -> None:
+    """Refuse a checkpoint given twice, whatever the spelling (``runs/a``, ``./runs/a``,
+    ``runs/a/last.pt``, a link to it): the checkpoint files the runs name are compared as
+    files (device and inode).  A missing run or a run directory without ``last.pt``
+    raises RobustclipError naming it; a checkpoint given twice, naming both spellings."""
+    seen: dict[tuple[int, int], str] = {}
+    for run in runs:
+        if not Path(run).exists():
+            raise RobustclipError(f"run {run} does not exist")
+        stat = checkpoint_file(run).stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen:
+            raise RobustclipError(f"the same run is given twice: {seen[key]} and {run} are one "
+                                  f"checkpoint; give each run once")
+        seen[key] = run
 
 
 def load_factory(spec: str, weights: str | Path | None, dataset: str,

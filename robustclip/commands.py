@@ -30,9 +30,9 @@ from robustclip.evaluation.craft import Spec
 from robustclip.evaluation.evaluate import batches_of
 from robustclip.evaluation.journal import Journal, model_digest as digest_of
 from robustclip.files import write_text
-from robustclip.report import (JOURNAL, format_table, journal_dir, results_table, samples_table,
-                               write_adversarial, write_lipschitz, write_results, write_samples,
-                               write_transfer, writes_results)
+from robustclip.report import (JOURNAL, adversarial_names, format_table, journal_dir,
+                               results_table, samples_table, write_adversarial, write_lipschitz,
+                               write_results, write_samples, write_transfer, writes_results)
 from robustclip.spectral import module_device
 
 
@@ -46,7 +46,9 @@ def attack_specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None
                  norm: str | None = None, default: str = "standard",
                  overrides: Mapping[str, Any] | None = None) -> tuple[list, str | None]:
     """The specs of a command: a suite's, else each --attack (default ``default``) at each
-    --eps in ``norm``; ``overrides`` (--steps, --n-restarts) go to every attack having them."""
+    --eps in ``norm``; ``overrides`` (--steps, --n-restarts) go to every attack having them.
+    An eps given twice (0.1 and 1/10 are one) raises RobustclipError."""
+    _check_distinct_eps(eps)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if suite:
         if overrides:
@@ -60,6 +62,13 @@ def attack_specs(eps: Sequence[float], attacks: Sequence[str], suite: str | None
     if not eps:
         raise RobustclipError("give --eps (one or more) or a --suite")
     return specs_for(list(attacks) or [default], list(eps), norm, **overrides), None
+
+
+def _check_distinct_eps(eps: Sequence[float]) -> None:
+    """Refuse an eps given twice: each would be attacked twice, one row beside the other."""
+    twice = next((e for i, e in enumerate(eps) if e in eps[:i]), None)
+    if twice is not None:
+        raise RobustclipError(f"--eps {twice:g} is given twice; give each budget once")
 
 
 def _echo_warnings(warnings: Sequence[SanityWarning]) -> None:
@@ -267,6 +276,8 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
             on_main(current(), lambda: _start_journal(journal_dir(out), settings))
         journal = Journal(journal_dir(out))
     say = _echo if echo else (lambda text="": None)
+    names = adversarial_names([label for group in by_dataset.values() for label in group]) \
+        if save_adversarial else {}  # one file each, whichever dataset a model is of
     total, samples = Evaluation([]), []
     for ds, group in by_dataset.items():
         images, labels = data[ds]
@@ -278,7 +289,7 @@ def evaluate_and_write(by_dataset: Mapping[str, Mapping[str, nn.Module]],
         if out_dir:
             samples.append(samples_table(part.results, labels))
             if save_adversarial:
-                for path in write_adversarial(out_dir, part.results, labels):
+                for path in write_adversarial(out_dir, part.results, labels, names):
                     say(f"wrote {path}")
     table = results_table(total.results)
     table.attrs["warnings"] = [str(w) for w in total.warnings]

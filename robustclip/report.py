@@ -8,16 +8,19 @@ machine, device, git commit and command line that made it.
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
+import hashlib
 import inspect
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import matplotlib
 
@@ -103,11 +106,83 @@ JOURNAL = ".journal"
 (:class:`~robustclip.evaluation.journal.Journal`); gone once the results are in place."""
 
 
-def _open_results(out: Path, overwrite: bool, stack: ExitStack, resume: bool = False) -> Path:
-    """Lock ``out`` (on ``stack``), check it, make the fresh sibling to write into."""
+RESULT_FILES = ("results.csv", "results.json", "results.md", "environment.json", "samples.csv",
+                "robust_vs_eps_*.png", "robust_vs_lipschitz.png", "transfer_*.png",
+                "lipschitz.csv", "layers.csv", f"{TEMP_PREFIX}*")
+"""The files robustclip writes into a results directory (fnmatch patterns, its temporary
+files included): all that ``--overwrite`` replaces."""
+
+RESULT_FOLDERS = {"adversarial": ("*.pt", f"{TEMP_PREFIX}*"),
+                  JOURNAL: ("*.pt", "*.json", f"{TEMP_PREFIX}*")}
+"""The folders of a results directory, each with the files robustclip writes there."""
+
+
+def _ours(entry: Path, patterns: Sequence[str]) -> bool:
+    """Whether ``entry`` is a plain file (not a link) with a name of ``patterns``."""
+    return (entry.is_file() and not entry.is_symlink()
+            and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns))
+
+
+def foreign_files(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that robustclip does not write into a results directory
+    (:data:`RESULT_FILES`, :data:`RESULT_FOLDERS`; a link is foreign), in name order."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in RESULT_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            foreign += [p for p in sorted(entry.iterdir()) if not _ours(p, RESULT_FOLDERS[entry.name])]
+        elif not _ours(entry, RESULT_FILES):
+            foreign.append(entry)
+    return foreign
+
+
+def _check_replaceable(out: Path, why: str) -> None:
+    """Refuse to replace ``out`` if it holds anything robustclip did not write there
+    (:func:`foreign_files`); ``why``: what the user may do, for the message."""
+    foreign = foreign_files(out)
+    if foreign:
+        names = ", ".join(str(p.relative_to(out)) for p in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise RobustclipError(f"--out {out} holds files robustclip did not write ({names}{more}); "
+                              f"only a results directory of robustclip is replaced: {why}")
+
+
+def _overlap(out: Path, folder: Path) -> str | None:
+    """How ``out`` and ``folder`` (both resolved) overlap: 'is', 'lies inside', 'contains'."""
+    if out == folder:
+        return "is"
+    if folder in out.parents:
+        return "lies inside"
+    return "contains" if out in folder.parents else None
+
+
+def _check_place(out: Path, data_dir: str | Path | None) -> None:
+    """Refuse an ``out`` (resolved) that is, contains or lies inside a training run
+    directory (:func:`robustclip.checkpoint.is_run_dir`; of the folders inside ``out``
+    only its own entries are looked at) or the data root of ``data_dir``
+    (:func:`robustclip.data.data_root`): one line, before anything is written."""
+    from robustclip.checkpoint import is_run_dir
+    from robustclip.data import data_root
+
+    runs = [folder for folder in (out, *out.parents) if is_run_dir(folder)]
+    if out.is_dir():
+        runs += [entry for entry in sorted(out.iterdir()) if entry.is_dir() and is_run_dir(entry)]
+    places = [(run, "the training run directory") for run in runs]
+    places.append((data_root(data_dir).resolve(), "the data root"))
+    for folder, what in places:
+        relation = _overlap(out, folder)
+        if relation:
+            raise RobustclipError(f"--out {out} {relation} {what} {folder}; give the results "
+                                  f"a folder of their own")
+
+
+def _open_results(out: Path, overwrite: bool, stack: ExitStack, resume: bool = False,
+                  data_dir: str | Path | None = None) -> Path:
+    """Check ``out`` (:func:`_check_place`), lock it (on ``stack``), check what it holds,
+    make the fresh sibling to write into."""
     if out.exists() and not out.is_dir():
         raise RobustclipError(f"--out {out} exists and is not a directory")
     try:
+        _check_place(out, data_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         stack.enter_context(locked(out, "results directory --out"))
         for left in out.parent.glob(f"{_WORK}{out.name}.*"):  # of a killed command
@@ -118,8 +193,10 @@ def _open_results(out: Path, overwrite: bool, stack: ExitStack, resume: bool = F
         if journal.is_dir() and not (resume or overwrite):
             raise RobustclipError(f"--out {out} holds an interrupted evaluation: continue it with "
                                   f"--resume {out}, or start again with --overwrite")
-        if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-            raise RobustclipError(f"--out {out} is not empty; pass --overwrite to replace its results")
+        if out.is_dir() and any(out.iterdir()):
+            if not (overwrite or resume):
+                raise RobustclipError(f"--out {out} is not empty; pass --overwrite to replace its results")
+            _check_replaceable(out, "move them, or give another --out")
         work = Path(tempfile.mkdtemp(prefix=f"{_WORK}{out.name}.", dir=out.parent))
         stack.callback(shutil.rmtree, work, ignore_errors=True)  # unless swapped into place
         # mkdtemp makes 0700: give the mode a plain mkdir (or the old out) has
@@ -130,8 +207,14 @@ def _open_results(out: Path, overwrite: bool, stack: ExitStack, resume: bool = F
 
 
 def _swap(work: Path, out: Path) -> None:
-    """Put ``work`` where ``out`` is (an old ``out`` removed once the new one is in place)."""
+    """Put ``work`` where ``out`` is (an old ``out`` removed once the new one is in place).
+
+    An ``out`` that came to hold files robustclip did not write while the command ran is
+    refused (:func:`_check_replaceable`) and left as it was, its journal included."""
     old = work.with_name(work.name + ".old")
+    if out.is_dir() and any(out.iterdir()):
+        _check_replaceable(out, "the results are not put in place; move them and run the "
+                                "command again (attack: --resume reuses the finished batches)")
     try:
         if out.is_dir() and any(out.iterdir()):
             os.rename(out, old)
@@ -145,14 +228,18 @@ def _swap(work: Path, out: Path) -> None:
 
 @contextmanager
 def results_dir(out: str | Path | None, overwrite: bool,
-                resume: bool = False) -> Iterator[Path | None]:
+                resume: bool = False, data_dir: str | Path | None = None) -> Iterator[Path | None]:
     """The directory to write a command's results into, for the whole command.
 
-    Takes the lock of ``out`` (robustclip.locks), refuses a non-empty ``out`` unless
-    ``overwrite``, checks that it is writable, and yields a fresh sibling directory; when
-    the block succeeds it replaces ``out`` whole (no file of earlier results survives),
-    and when it fails ``out`` is left as it was.  ``out`` None yields None.  Under a
-    process group rank 0 alone locks and swaps; every rank gets the same path.
+    Refuses an ``out`` that is, contains or lies inside a training run directory or the
+    data root of ``data_dir`` (:func:`_check_place`).  Takes the lock of ``out``
+    (robustclip.locks), refuses a non-empty ``out`` unless ``overwrite``, and one that
+    holds anything but the files robustclip writes into a results directory
+    (:data:`RESULT_FILES`) in any case; checks that it is writable, and yields a fresh
+    sibling directory; when the block succeeds it replaces ``out`` whole (no file of
+    earlier results survives), and when it fails ``out`` is left as it was.  ``out``
+    None yields None.  Under a process group rank 0 alone locks and swaps; every rank
+    gets the same path.
 
     An evaluation journals its finished batches in ``out``/:data:`JOURNAL`
     (:func:`journal_dir`), which the final swap removes.  ``resume`` continues such an
@@ -167,7 +254,7 @@ def results_dir(out: str | Path | None, overwrite: bool,
         return
     out, ctx = Path(out).resolve(), current()
     with ExitStack() as stack:
-        work = on_main(ctx, lambda: _open_results(out, overwrite, stack, resume))
+        work = on_main(ctx, lambda: _open_results(out, overwrite, stack, resume, data_dir))
         _FINAL[work] = out
         stack.callback(_FINAL.pop, work, None)
         yield work
@@ -198,8 +285,8 @@ T = TypeVar("T")
 
 def writes_results(command: Callable[..., T]) -> Callable[..., T]:
     """Decorator: run ``command`` (with parameters ``out``, ``overwrite`` and optionally
-    ``resume``) inside :func:`results_dir`, its ``out`` replaced by the directory to write
-    into."""
+    ``resume`` and ``data_dir``) inside :func:`results_dir`, its ``out`` replaced by the
+    directory to write into."""
     signature = inspect.signature(command)
 
     @functools.wraps(command)
@@ -207,7 +294,8 @@ def writes_results(command: Callable[..., T]) -> Callable[..., T]:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         with results_dir(bound.arguments["out"], bool(bound.arguments["overwrite"]),
-                         bool(bound.arguments.get("resume", False))) as work:
+                         bool(bound.arguments.get("resume", False)),
+                         bound.arguments.get("data_dir")) as work:
             bound.arguments["out"] = None if work is None else str(work)
             return command(*bound.args, **bound.kwargs)
     return run
@@ -327,10 +415,29 @@ def _file_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
-def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -> list[Path]:
-    """adversarial/<model>.pt per model (``torch.load(weights_only=True)`` reads it): a dict
-    with labels (n,) and rows, each {attack, norm, eps, robust (n,), x_adv (n, C, H, W)}:
-    the examples each row scored (x itself where its attack left a sample alone)."""
+def adversarial_names(models: Sequence[str]) -> dict[str, str]:
+    """Model label -> its file name under adversarial/ (without ``.pt``): the label with
+    each character other than letters, digits and ``._-`` made ``_``; where labels come
+    out the same that way, or differ only in case (one file on a case-insensitive disk),
+    each of them with ``-`` and 8 hex digits of the label's sha256 added.  Names that
+    still collide raise RobustclipError."""
+    names = {model: _file_name(model) for model in models}
+    count = Counter(name.casefold() for name in names.values())
+    names = {model: name if count[name.casefold()] == 1 else
+             f"{name}-{hashlib.sha256(model.encode()).hexdigest()[:8]}" for model, name in names.items()}
+    if len({name.casefold() for name in names.values()}) < len(names):
+        raise RobustclipError(f"models {', '.join(names)} need distinct names for adversarial/")
+    return names
+
+
+def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any,
+                      names: Mapping[str, str] | None = None) -> list[Path]:
+    """adversarial/<name>.pt per model (``torch.load(weights_only=True)`` reads it): a dict
+    with the model's label, labels (n,) and rows, each {attack, norm, eps, robust (n,),
+    x_adv (n, C, H, W)}: the examples each row scored (x itself where its attack left a
+    sample alone).  ``names``: model label -> file name (default
+    :func:`adversarial_names` of the models of ``results``; give those of every model of
+    the command when it writes in several calls)."""
     import torch
 
     by_model: dict[str, list[dict]] = {}
@@ -339,6 +446,7 @@ def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -
             by_model.setdefault(r.model, []).append(
                 {"attack": r.attack, "norm": r.norm, "eps": r.eps, "robust": r.robust,
                  "x_adv": r.adversarial})
+    names = adversarial_names(list(by_model)) if names is None else names
     written = []
     for model, rows in by_model.items():
         payload = {"model": model, "labels": labels[:len(rows[0]["robust"])].cpu(), "rows": rows}
@@ -346,7 +454,7 @@ def write_adversarial(out: Path, results: Sequence[AttackResult], labels: Any) -
         def save(tmp: Path, payload: dict = payload) -> None:
             with open(tmp, "wb") as f:
                 torch.save(payload, f)
-        path = out / "adversarial" / f"{_file_name(model)}.pt"
+        path = out / "adversarial" / f"{names[model]}.pt"
         path.parent.mkdir(exist_ok=True)
         written.append(atomic_write(path, save))
     return _final(written)

@@ -270,6 +270,45 @@ def _environment_name(out: Path, resume: bool) -> str:
     return f"environment-resume-{max(done, default=0) + 1}.json"
 
 
+def _written_by_robustclip(path: Path) -> bool:
+    """Whether ``path``, named as a file of a run, is one that robustclip wrote: told by
+    its content for the names other programs use too (a robustclip checkpoint, config,
+    metrics.csv or environment record), by its name for the others
+    (environment-resume-<n>.json, TensorBoard events).  A folder or an unreadable file
+    is not."""
+    if not path.is_file():
+        return False
+    try:
+        if path.name in ("last.pt", "best.pt"):
+            read_checkpoint(path)
+        elif path.name == "config.toml":
+            load_config(path)
+        elif path.name == "metrics.csv":
+            with open(path, newline="") as f:
+                return next(csv.reader(f), [None])[0] == "epoch"
+        elif path.name == "environment.json":
+            return "robustclip" in json.loads(path.read_text())
+    except (RobustclipError, OSError, ValueError, TypeError):  # TypeError: JSON but no object
+        return False
+    return True
+
+
+def _remove_old_run(out: Path) -> None:
+    """``--overwrite``: remove the old run's files from ``out`` (:data:`RUN_FILES`,
+    TensorBoard events, environment records); any other file stays.  A file of such a
+    name that robustclip did not write (:func:`_written_by_robustclip`) raises
+    RobustclipError naming it, before anything is removed."""
+    old = [path for path in sorted(out.iterdir()) if path.name in RUN_FILES
+           or path.name.startswith("events.out.tfevents.") or ENVIRONMENT_FILE.fullmatch(path.name)]
+    foreign = [path.name for path in old if not _written_by_robustclip(path)]
+    if foreign:
+        raise RobustclipError(f"run directory {out} holds {', '.join(foreign)} that robustclip did "
+                              f"not write; --overwrite removes only a run's own files: move them "
+                              f"or give another --out")
+    for path in old:
+        path.unlink()
+
+
 def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool,
                      stack: ExitStack, ctx: Context) -> dict[str, Any] | None:
     """Lock the run directory for the command (on ``stack``) and check it: refuse to clobber
@@ -288,10 +327,7 @@ def _prepare_run_dir(out: Path, config: Config, resume: bool, overwrite: bool,
             if not overwrite:
                 raise RobustclipError(f"run directory {out} already exists; use --resume to continue "
                                       f"it or --overwrite to replace it")
-            for path in out.iterdir():
-                if (path.name in RUN_FILES or path.name.startswith("events.out.tfevents.")
-                        or ENVIRONMENT_FILE.fullmatch(path.name)):
-                    path.unlink()
+            _remove_old_run(out)
         out.mkdir(parents=True, exist_ok=True)
         for path in remove_temporaries(out):
             log.info("removed %s, left by an interrupted write", path)
@@ -312,7 +348,8 @@ def train(config: Config | str | Path | None, out_dir: str | Path, resume: bool 
     stored config and config.toml must match ``config`` except train.epochs,
     train.device, log.progress (``config`` None: the stored one).  overwrite: remove the
     old run's files (checkpoints, metrics, TensorBoard events, environment records,
-    temporary files) from an existing ``out_dir``.  The run directory is locked for the
+    temporary files) from an existing ``out_dir``, and nothing else: a file of such a
+    name that robustclip did not write is refused.  The run directory is locked for the
     whole call (see robustclip.locks).  device: overrides train.device.  data_dir: the
     data root (see robustclip.data.data_root).  backend: the torch.distributed backend
     under torchrun (default: see robustclip.distributed).  Returns the run directory.  Ctrl-C leaves
