@@ -1,8 +1,9 @@
 """Command-line interface: a thin click layer over the Python API.
 
 Every :class:`~robustclip.errors.RobustclipError` (bad input, missing data, a corrupt
-checkpoint) and every OSError (a full disk, a read-only or forbidden directory, a file
-size limit) becomes one line on stderr and exit status 2, never a traceback.
+checkpoint), every OSError (a full disk, a read-only or forbidden directory, a file
+size limit) and every usage error of click's (an unknown option, a missing argument, a
+bad choice) becomes one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -16,14 +17,31 @@ from robustclip import __version__
 from robustclip.errors import RobustclipError
 
 
+def _usage_error(err: click.UsageError) -> None:
+    """Report click's own usage error (unknown option, missing argument, bad value) as one
+    line, with where to find help, and exit with status 2."""
+    where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+    click.echo(f"error: {' '.join(err.format_message().split())}{where}", err=True)
+    sys.exit(2)
+
+
 class _Group(click.Group):
-    """A click group that reports :class:`RobustclipError` and OSError as one line, exit 2."""
+    """A click group that reports :class:`RobustclipError`, OSError and click's usage
+    errors as one line, exit 2 (--help and --version answer as usual)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:  # an error in the group's own options
+            _usage_error(err)
 
     def invoke(self, ctx: click.Context):
         from robustclip.files import describe
 
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # a subcommand's options and arguments
+            _usage_error(err)
         except RobustclipError as err:
             click.echo(f"error: {' '.join(str(err).split())}", err=True)
             ctx.exit(2)
