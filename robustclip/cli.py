@@ -62,6 +62,22 @@ def main(verbose: bool) -> None:
     )
 
 
+class _Seed(click.ParamType):
+    """A seed: an integer in 0..2**63 - 1 (robustclip.schema.seed)."""
+
+    name = "seed"
+
+    def convert(self, value, param, ctx):
+        from robustclip.schema import seed
+
+        try:
+            return seed(int(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        except RobustclipError as err:
+            self.fail(str(err), param, ctx)
+
+
 _BACKEND = click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None,
                         help="torch.distributed backend under torchrun (default: $ROBUSTCLIP_BACKEND, "
                              "else nccl on CUDA, gloo on CPU).")
@@ -78,7 +94,7 @@ _BACKEND = click.option("--backend", type=click.Choice(["gloo", "nccl"]), defaul
 @click.option("--overwrite", is_flag=True,
               help="Remove the old run's files (checkpoints, metrics, events) from an existing run directory.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's).")
-@click.option("--seed", type=int, default=None, help="Override train.seed.")
+@click.option("--seed", type=_Seed(), default=None, help="Override train.seed.")
 @click.option("--epochs", type=int, default=None, help="Override train.epochs.")
 @click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config value, e.g. --set train.lr=0.01 (repeatable).")
@@ -186,7 +202,7 @@ _EVAL_OPTIONS = [
                  help="TOML attack suite, e.g. attacks/mnist.toml."),
     click.option("--limit", type=int, default=None, help="First N test samples."),
     click.option("--batch-size", type=int, default=256, show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=_Seed(), default=0, show_default=True),
     click.option("--device", default=None, help="Device for the models (default: as saved)."),
     click.option("--ensemble-output", type=click.Choice(["softmax", "logits"]),
                  default="softmax", show_default=True,
@@ -299,7 +315,7 @@ def transfer_cmd(**options) -> None:
 @_RUNS
 @click.option("--limit", type=int, default=None, help="Test samples for the empirical ratio (default 256).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=_Seed(), default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--tol", type=float, default=1e-6, show_default=True, help="PowerQR convergence.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)

@@ -3,6 +3,8 @@
 checked by one schema, seeds, devices, sizes, names, a diverged training, user models."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -46,3 +48,44 @@ def test_help_still_answers():
     for args in (["--help"], ["train", "--help"], ["data", "fetch", "--help"]):
         result = _cli(*args)
         assert result.exit_code == 0 and result.output.startswith("Usage:"), result.output
+
+
+# ------------------------------------------------------------------ config schema, seeds
+
+@pytest.mark.parametrize("assignment, message", [
+    ("method.k=5000", "method.k must be in 0..64 (singular values tracked per layer), got 5000"),
+    ("method.init_iters=1000000", "method.init_iters must be in 0..10000"),
+    ("method.refine_iters=100000", "method.refine_iters must be in 0..10000"),
+    ("method.clip_steps=10000000", "method.clip_steps must be in 0..1000000"),
+    ("train.adversarial.steps=100000", "train.adversarial.steps must be in 0..1000"),
+    ("train.seed=18446744073709551616", "train.seed must be in 0..9223372036854775807"),
+])
+def test_config_numbers_are_range_checked(assignment, message):
+    from robustclip.config import Config, override
+    from robustclip.errors import RobustclipError
+
+    with pytest.raises(RobustclipError, match=re.escape(message)):
+        override(Config(), [assignment])
+
+
+def test_config_seed_beyond_64_bits_is_one_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nseed = 18446744073709551616\n")
+    _one_line(_cli("train", "--config", str(config), "--out", str(tmp_path / "r")),
+              "train.seed must be in 0..9223372036854775807", str(config))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--config", "c.toml"], ["attack", "run", "--eps", "0.1"],
+                                     ["transfer", "run", "--eps", "0.1"], ["lipschitz", "run"]])
+@pytest.mark.parametrize("value", ["18446744073709551616", "-1"])
+def test_seed_option_is_range_checked(command, value):
+    _one_line(_cli(*command, "--seed", value), "seed must be in 0..9223372036854775807", value)
+
+
+def test_api_seed_is_range_checked(models, data):
+    import robustclip
+    from robustclip.errors import RobustclipError
+
+    with pytest.raises(RobustclipError, match="seed must be in 0..9223372036854775807"):
+        robustclip.evaluate(models["a"], data, eps=0.1, attacks="fgsm", seed=2**64, bounds=False)
