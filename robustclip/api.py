@@ -105,7 +105,9 @@ def evaluate(model: nn.Module | Mapping[str, nn.Module], data: Any,
     holds the sanity warnings in plain words.
     """
     from robustclip.commands import attack_specs, evaluate_and_write
+    from robustclip.schema import seed as checked_seed
 
+    seed = checked_seed(seed)
     models = {"model": model} if isinstance(model, nn.Module) else \
         dict(model) if isinstance(model, Mapping) else {}
     if not models or not all(isinstance(m, nn.Module) for m in models.values()):

@@ -1,8 +1,9 @@
 """Command-line interface: a thin click layer over the Python API.
 
 Every :class:`~robustclip.errors.RobustclipError` (bad input, missing data, a corrupt
-checkpoint) and every OSError (a full disk, a read-only or forbidden directory, a file
-size limit) becomes one line on stderr and exit status 2, never a traceback.
+checkpoint), every OSError (a full disk, a read-only or forbidden directory, a file
+size limit) and every usage error of click's (an unknown option, a missing argument, a
+bad choice) becomes one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -16,14 +17,31 @@ from robustclip import __version__
 from robustclip.errors import RobustclipError
 
 
+def _usage_error(err: click.UsageError) -> None:
+    """Report click's own usage error (unknown option, missing argument, bad value) as one
+    line, with where to find help, and exit with status 2."""
+    where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+    click.echo(f"error: {' '.join(err.format_message().split())}{where}", err=True)
+    sys.exit(2)
+
+
 class _Group(click.Group):
-    """A click group that reports :class:`RobustclipError` and OSError as one line, exit 2."""
+    """A click group that reports :class:`RobustclipError`, OSError and click's usage
+    errors as one line, exit 2 (--help and --version answer as usual)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:  # an error in the group's own options
+            _usage_error(err)
 
     def invoke(self, ctx: click.Context):
         from robustclip.files import describe
 
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # a subcommand's options and arguments
+            _usage_error(err)
         except RobustclipError as err:
             click.echo(f"error: {' '.join(str(err).split())}", err=True)
             ctx.exit(2)
@@ -44,6 +62,22 @@ def main(verbose: bool) -> None:
     )
 
 
+class _Seed(click.ParamType):
+    """A seed: an integer in 0..2**63 - 1 (robustclip.schema.seed)."""
+
+    name = "seed"
+
+    def convert(self, value, param, ctx):
+        from robustclip.schema import seed
+
+        try:
+            return seed(int(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        except RobustclipError as err:
+            self.fail(str(err), param, ctx)
+
+
 _BACKEND = click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None,
                         help="torch.distributed backend under torchrun (default: $ROBUSTCLIP_BACKEND, "
                              "else nccl on CUDA, gloo on CPU).")
@@ -60,7 +94,7 @@ _BACKEND = click.option("--backend", type=click.Choice(["gloo", "nccl"]), defaul
 @click.option("--overwrite", is_flag=True,
               help="Remove the old run's files (checkpoints, metrics, events) from an existing run directory.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's).")
-@click.option("--seed", type=int, default=None, help="Override train.seed.")
+@click.option("--seed", type=_Seed(), default=None, help="Override train.seed.")
 @click.option("--epochs", type=int, default=None, help="Override train.epochs.")
 @click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config value, e.g. --set train.lr=0.01 (repeatable).")
@@ -168,7 +202,7 @@ _EVAL_OPTIONS = [
                  help="TOML attack suite, e.g. attacks/mnist.toml."),
     click.option("--limit", type=int, default=None, help="First N test samples."),
     click.option("--batch-size", type=int, default=256, show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=_Seed(), default=0, show_default=True),
     click.option("--device", default=None, help="Device for the models (default: as saved)."),
     click.option("--ensemble-output", type=click.Choice(["softmax", "logits"]),
                  default="softmax", show_default=True,
@@ -290,7 +324,7 @@ def transfer_cmd(**options) -> None:
 @_RUNS
 @click.option("--limit", type=int, default=None, help="Test samples for the empirical ratio (default 256).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=_Seed(), default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--tol", type=float, default=1e-6, show_default=True, help="PowerQR convergence.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)

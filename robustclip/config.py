@@ -10,7 +10,6 @@ are parsed as TOML values (bare words are strings) and typed by the schema.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import json
 import math
@@ -22,6 +21,7 @@ from typing import Any, Iterable, Mapping
 from robustclip.clip import SpectralClip
 from robustclip.errors import RobustclipError
 from robustclip.files import parse_toml_value, read_toml
+from robustclip.schema import SEED_MAX, in_range, typed, unknown
 
 _CLIP_DEFAULTS = {n: p.default for n, p in inspect.signature(SpectralClip).parameters.items()}
 
@@ -196,23 +196,32 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 RESUMABLE_CHANGES = ("train.epochs", "train.device", "log.progress", "train.adversarial.early_stop")
 
 
-def _unknown(what: str, key: str, valid: Iterable[str], where: str) -> RobustclipError:
-    valid = list(valid)
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return RobustclipError(f"unknown {what} {key!r}{where}; {hint}valid: {', '.join(valid)}")
+#: Upper limits of numeric keys, with what they count: beyond them a run cannot start or
+#: would spend hours on bookkeeping (every number is >= 0 besides).
+LIMITS: dict[str, tuple[int, str]] = {
+    "method.k": (64, "singular values tracked per layer"),
+    "method.clip_steps": (1_000_000, "training steps between clip events"),
+    "method.init_delay": (100_000_000, "training steps before the first clip event"),
+    "method.iters_per_step": (100, "PowerQR iterations per training step"),
+    "method.init_iters": (10_000, "PowerQR iterations at the start"),
+    "method.max_rounds": (100, "descent rounds per clip event"),
+    "method.descent_steps": (10_000, "descent steps per round"),
+    "method.refine_iters": (10_000, "PowerQR iterations per clip event"),
+    "train.epochs": (100_000, "epochs"),
+    "train.seed": (SEED_MAX, "seeds must fit torch's 64-bit generators"),
+    "train.adversarial.steps": (1_000, "attack steps per training batch"),
+    "train.adversarial.monitor_steps": (1_000, "attack steps of the monitor"),
+    "log.log_every": (100_000_000, "training steps between logged points"),
+}
 
 
-def _typed(key: str, value: Any, kind: type) -> Any:
-    """``value`` checked against the schema type ``kind`` (an int is accepted as a float)."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RobustclipError(f"{key} must be {kind.__name__}, got {value!r}")
-    if kind in (int, float) and not math.isfinite(value):
-        raise RobustclipError(f"{key} must be finite, got {value!r}")
-    if kind in (int, float) and value < 0:
-        raise RobustclipError(f"{key} must be >= 0, got {value!r}")
+def _typed(key: str, value: Any, kind: type, where: str = "") -> Any:
+    """``value`` checked against the schema type ``kind`` (an int is accepted as a float),
+    a number >= 0 and within its :data:`LIMITS`."""
+    value = typed(key, value, kind, where)
+    if kind in (int, float):
+        high, why = LIMITS.get(key, (None, ""))
+        in_range(key, value, 0, high, where, why)
     return value
 
 
@@ -225,11 +234,11 @@ def _table(cls: type, values: Any, prefix: str, where: str) -> Any:
     typed = {}
     for key, value in values.items():
         if key not in hints:
-            raise _unknown("key", f"{prefix}.{key}", hints, where)
+            raise unknown("key", f"{prefix}.{key}", hints, where)
         if dataclasses.is_dataclass(hints[key]):
             typed[key] = _table(hints[key], value, f"{prefix}.{key}", where)
         else:
-            typed[key] = _typed(f"{prefix}.{key}", value, hints[key])
+            typed[key] = _typed(f"{prefix}.{key}", value, hints[key], where)
     return cls(**typed)
 
 
@@ -239,7 +248,7 @@ def from_dict(raw: Mapping[str, Any], where: str = "") -> Config:
                 for section, cls in SECTIONS.items()}
     for section in raw:
         if section not in SECTIONS:
-            raise _unknown("section", section, SECTIONS, where)
+            raise unknown("section", section, SECTIONS, where)
     config = Config(**sections)
     _check(config, where)
     return config
@@ -253,7 +262,7 @@ def _check(config: Config, where: str) -> None:
                               ("method.name", config.method.name, METHODS),
                               ("data.dataset", config.data.dataset, DATASETS)]:
         if value not in valid:
-            raise _unknown("value", value, valid, f" for {key}{where}")
+            raise unknown("value", value, valid, f" for {key}{where}")
     for key in ("epochs", "batch_size", "eval_batch_size", "step_size"):
         if getattr(config.train, key) < 1:
             raise RobustclipError(f"train.{key} must be >= 1{where}")
@@ -272,7 +281,7 @@ def _check_losses(tc: TrainConfig, where: str) -> None:
                               ("train.adversarial.bn_mode", adv.bn_mode, BN_MODES),
                               ("train.adversarial.monitor_attack", adv.monitor_attack, MONITOR_ATTACKS)]:
         if value not in valid:
-            raise _unknown("value", value, valid, f" for {key}{where}")
+            raise unknown("value", value, valid, f" for {key}{where}")
     if tc.loss == "lipschitz-margin" and not tc.eps_cert > 0:
         raise RobustclipError(f"train.loss = 'lipschitz-margin' needs train.eps_cert > 0 "
                               f"(the L2 radius to certify){where}")
@@ -317,11 +326,11 @@ def override(config: Config, assignments: Iterable[str]) -> Config:
     for key, value in pairs:
         section, *path, name = key.split(".")
         if section not in raw:
-            raise _unknown("section", section, raw, " in --set")
+            raise unknown("section", section, raw, " in --set")
         table = raw[section]
         for i, part in enumerate(path):
             if not isinstance(table.get(part), dict):
-                raise _unknown("key", ".".join([section, *path[: i + 1]]), table, " in --set")
+                raise unknown("key", ".".join([section, *path[: i + 1]]), table, " in --set")
             table = table[part]
         table[name] = value
     return from_dict(raw, " (after overrides)")
