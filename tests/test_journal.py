@@ -286,6 +286,20 @@ def test_resume_from_another_directory_loads_the_runs_it_started_with(places, mo
     assert settings["model_digest"] == {"run": model_digest(load(places["a"] / "run"))}
 
 
+def test_resume_keeps_the_labels_the_runs_started_with(places, monkeypatch):
+    """Runs whose names collide are labelled by the paths given; resumed from their
+    absolute paths, they keep those labels (and the table its rows)."""
+    root, out = places["a"].parent, places["out"]
+    monkeypatch.chdir(root)
+    assert _cli("attack", "a/run", "b/run", *ATTACK, "--out", str(root / "ref")).exit_code == 0
+    _interrupt(monkeypatch, "a/run", "b/run", *ATTACK, "--out", str(out))
+    monkeypatch.chdir(places["a"])
+    result = _cli("attack", "--resume", str(out))
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(_table(out), _table(root / "ref"))
+    assert list(dict.fromkeys(_table(out).model)) == ["a/run", "b/run"]
+
+
 def test_resume_refuses_a_run_whose_model_changed(places, monkeypatch):
     out = places["out"]
     _interrupt(monkeypatch, "run", *ATTACK, "--out", str(out))
