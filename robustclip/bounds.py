@@ -54,7 +54,8 @@ from tqdm import tqdm
 from robustclip.errors import RobustclipError, first_line
 from robustclip.known_ops import (AVG_POOL_FUNCTIONS, function_lipschitz, is_linear_function,
                                   is_linear_module, module_lipschitz, unwrapped)
-from robustclip.spectral import _BATCHNORMS, _CONVS, _unwrap, eval_mode, spectral_estimate
+from robustclip.spectral import (_BATCHNORMS, _CONVS, SpectralEstimate, _unwrap, eval_mode,
+                                 spectral_estimate)
 from robustclip.upper_bounds import sigma_upper_bound
 
 log = logging.getLogger(__name__)
@@ -173,11 +174,7 @@ class _Walker:
 
         nonnegative: the operator's matrix has no negative entry (a functional average pool).
         """
-        try:
-            est = spectral_estimate(module, shape, k=1, iters=self.iters, tol=self.tol,
-                                    seed=self.seed)
-        except RobustclipError as err:
-            raise RobustclipError(f"cannot bound {name} ({kind}): {err}") from None
+        est = self._estimate(module, shape, name, kind)
         sigma = float(est.values[0])
         upper = sigma_upper_bound(module, shape, nonnegative=nonnegative,
                                   exact_max_dim=self.exact_max_dim,
@@ -195,6 +192,16 @@ class _Walker:
                           "sigma_exact": bound if bound_kind == "exact" else math.nan,
                           "sigma_upper": bound, "bound_kind": bound_kind})
         return sigma if math.isnan(bound) else bound
+
+    def _estimate(self, module: nn.Module, shape: tuple[int, ...], name: str,
+                  kind: str) -> SpectralEstimate:
+        """PowerQR's top singular value of ``module``; a module the linearity probe
+        refuses raises RobustclipError "cannot bound <name>"."""
+        try:
+            return spectral_estimate(module, shape, k=1, iters=self.iters, tol=self.tol,
+                                     seed=self.seed)
+        except RobustclipError as err:
+            raise RobustclipError(f"cannot bound {name} ({kind}): {err}") from None
 
     def _composite_bn(self, node: fx.Node) -> fx.Node | None:
         """The BatchNorm node fed only by conv ``node``, if that is the pattern."""
@@ -311,11 +318,7 @@ class _Walker:
         """An operator nothing proves anything about (``robustclip.known_ops``): refused when
         the linearity probe shows it is not linear, else its PowerQR value as an estimate
         (a row of kind "estimate": no certificate rests on it)."""
-        try:
-            est = spectral_estimate(module, shape, k=1, iters=self.iters, tol=self.tol,
-                                    seed=self.seed)
-        except RobustclipError as err:
-            raise RobustclipError(f"cannot bound {name} ({kind}): {err}") from None
+        est = self._estimate(module, shape, name, kind)
         sigma = float(est.values[0])
         log.warning("%s (%s): not an operator robustclip can prove a bound for (it only passed "
                     "a linearity probe); its PowerQR value %.6g makes the network bound an "
