@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from robustclip.bounds import lipschitz_report
+from robustclip.clip import SpectralClip
 from robustclip.errors import RobustclipError
 from robustclip.files import parse_fraction
 from robustclip.models import apply_method
@@ -33,8 +34,29 @@ def clip_model(model: nn.Module, method: str = "fastclip", **method_args: Any) -
     """Wrap, in place, every conv and dense layer of ``model`` (and conv+BN composites for
     'fastclip-composite') with a spectral-norm method: 'none', 'fastclip',
     'fastclip-composite', 'miyato' or 'gouk'.  ``method_args``: keywords of
-    :class:`robustclip.SpectralClip` (clip, k, iters_per_step, ...).  Returns ``model``."""
+    :class:`robustclip.SpectralClip` (clip, k, iters_per_step, ...).  Returns ``model``.
+
+    A model that is clipped already (by an earlier call, ``robustclip.load`` or torch's
+    ``spectral_norm``) raises RobustclipError: a second method would wrap the first."""
+    _check_unclipped(model)
     return apply_method(model, method, method_args)
+
+
+def _check_unclipped(model: nn.Module) -> None:
+    """Refuse a model holding SpectralClip wrappers or torch's spectral-norm
+    parametrizations (RobustclipError naming the first layers)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, SpectralClip)]
+    normed = [name for name, m in model.named_modules() if parametrize.is_parametrized(m, "weight")
+              and any(isinstance(p, _SpectralNorm) for p in m.parametrizations.weight)]
+    clipped = [name or "the model itself" for name in wrapped or normed]
+    if clipped:
+        more = f" and {len(clipped) - 3} more" if len(clipped) > 3 else ""
+        raise RobustclipError(f"the model is already clipped (layers wrapped: "
+                              f"{', '.join(clipped[:3])}{more}); clip_model wraps a plain model "
+                              f"once: build a fresh one to clip it another way")
 
 
 class Lipschitz(NamedTuple):

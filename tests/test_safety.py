@@ -210,3 +210,32 @@ def test_api_evaluate_refuses_an_eps_given_twice(models, data):
     with pytest.raises(RobustclipError, match="--eps 0.1 is given twice"):
         robustclip.evaluate(models["a"], (data[0][:8], data[1][:8]), eps=[0.1, "1/10"],
                             attacks="fgsm", bounds=False)
+
+
+# ------------------------------------------------------------------- a model clipped twice
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(128, 10))
+
+
+@pytest.mark.parametrize("method", ["none", "fastclip", "miyato", "gouk"])
+def test_clip_model_refuses_a_model_clipped_already(method):
+    import robustclip
+
+    model = robustclip.clip_model(_net(), method)
+    before = repr(model)
+    with pytest.raises(RobustclipError, match=r"the model is already clipped \(layers wrapped: 0, 2\); "
+                                              r"clip_model wraps a plain model once"):
+        robustclip.clip_model(model, "fastclip")
+    assert repr(model) == before  # nothing nested
+
+
+def test_clip_model_refuses_a_loaded_run_and_torchs_spectral_norm(run):
+    import robustclip
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    with pytest.raises(RobustclipError, match="already clipped"):
+        robustclip.clip_model(robustclip.load(run), "fastclip")
+    with pytest.raises(RobustclipError, match=r"already clipped \(layers wrapped: 2\)"):
+        robustclip.clip_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU(),
+                                                  spectral_norm(torch.nn.Linear(4, 2))))
