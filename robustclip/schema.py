@@ -49,7 +49,7 @@ def typed(key: str, value: Any, kind: type, where: str = "") -> Any:
     return value
 
 
-_names = {bool: "bool (true or false)", list: "a list", dict: "a table"}
+_names = {bool: "bool (true or false)", float: "float (a number)", list: "a list", dict: "a table"}
 
 
 def _num(x: float) -> str:

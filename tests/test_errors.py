@@ -89,3 +89,43 @@ def test_api_seed_is_range_checked(models, data):
 
     with pytest.raises(RobustclipError, match="seed must be in 0..9223372036854775807"):
         robustclip.evaluate(models["a"], data, eps=0.1, attacks="fgsm", seed=2**64, bounds=False)
+
+
+# ------------------------------------------------------------------ attack suite schema
+
+_EPS = '[eps]\nLinf = [0.1]\n'
+
+
+@pytest.mark.parametrize("suite, message", [
+    ('name = ["a"]\n' + _EPS + '[[attack]]\nname = "fgsm"\n', "name must be str, got ['a']"),
+    ('[name]\nx = 1\n' + _EPS + '[[attack]]\nname = "fgsm"\n', "name must be str, got {'x': 1}"),
+    (_EPS + '[[attack]]\nname = ["fgsm"]\n', "name must be str, got ['fgsm'] in [[attack]] 1"),
+    ('cascade = "yes"\n' + _EPS + '[[attack]]\nname = "fgsm"\n',
+     "cascade must be bool (true or false), got 'yes'"),
+    ('description = 3\n' + _EPS + '[[attack]]\nname = "fgsm"\n', "description must be str, got 3"),
+    ('[eps]\nL3 = [0.1]\n[[attack]]\nname = "fgsm"\n', "unknown norm 'L3' under [eps]"),
+    (_EPS + '[[attack]]\nname = "standard"\nnorm = "L3"\n', "unknown norm 'L3' in [[attack]] 1"),
+    ('[eps]\nLinf = "0.1"\n[[attack]]\nname = "fgsm"\n', "eps.Linf must be a non-empty list of numbers"),
+    (_EPS + '[[attack]]\nname = "fgsm"\nlabel = "a\\u0000b"\n', "label must be a printable name"),
+    (_EPS + '[[attack]]\nname = "fgsm"\nlabel = [1]\n', "label must be str, got [1]"),
+    (_EPS + '[[attack]]\nname = "fgsmm"\n', "unknown attack 'fgsmm' in [[attack]] 1"),
+    (_EPS + '[[attack]]\nname = "pgd"\nsteps = 100000000\n',
+     "'steps' must be in 1..100000 (iterations per attack run)"),
+])
+def test_suite_types_and_ranges_are_checked(tmp_path, suite, message):
+    from robustclip.errors import RobustclipError
+    from robustclip.evaluation import load_suite
+
+    path = tmp_path / "s.toml"
+    path.write_text(suite)
+    with pytest.raises(RobustclipError, match=re.escape(message)) as err:
+        load_suite(path)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_norm_lists_the_norms(tmp_path):
+    """The norm is unknown: the message lists Linf and L2, not 'add L3 under [eps]'."""
+    path = tmp_path / "s.toml"
+    path.write_text(_EPS + '[[attack]]\nname = "quick"\nnorm = "L3"\n')
+    line = _one_line(_cli("attack", "run", "--suite", str(path)), "unknown norm 'L3'", "valid: Linf, L2")
+    assert "under [eps]" not in line

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from robustclip.certificates import predicted_correct
 from robustclip.errors import RobustclipError
+from robustclip.schema import in_range
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,16 @@ def check_eps(eps: Any, norm: str) -> float:
     return float(eps)
 
 
+COUNT_LIMITS: dict[str, tuple[int, str]] = {
+    "steps": (100_000, "iterations per attack run"),
+    "n_restarts": (1_000, "restarts per sample"),
+    "n_queries": (10_000_000, "model queries per sample"),
+    "search_steps": (100, "binary-search steps over c"),
+    "n_target_classes": (1_000, "target classes"),
+}
+"""Upper limits of the attacks' integer parameters, with what they count."""
+
+
 def _check_param(name: str, key: str, value: Any, default: Any) -> Any:
     where = f"attack {name!r}, {key!r}"
     if isinstance(default, bool):
@@ -244,7 +255,8 @@ def _check_param(name: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RobustclipError(f"{where} must be an integer >= 1, got {value!r}")
-        return value
+        high, why = COUNT_LIMITS[key]
+        return in_range(where, value, 1, high, why=why)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RobustclipError(f"{where} must be a number, got {value!r}")
     if value < 0 or (value == 0 and key != "kappa"):

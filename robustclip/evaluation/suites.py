@@ -11,6 +11,7 @@ from robustclip.evaluation.attacks import ATTACKS, NORMS, AttackSpec, make_spec
 from robustclip.evaluation.cascade import VERSIONS, Cascade, cascade_of, make_cascade
 from robustclip.evaluation.craft import Spec
 from robustclip.files import read_toml
+from robustclip.schema import known_keys, numbers, text, typed, unknown
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Suite:
 
 
 _SUITE_KEYS = ("name", "description", "eps", "attack", "cascade")
+_SUITE_TYPES = {"name": str, "description": str, "eps": dict, "attack": list, "cascade": bool}
 
 
 def specs_for(names: Sequence[str], eps: Sequence[float], norm: str | None = None,
@@ -87,18 +89,10 @@ def load_suite(path: str | Path, eps: Sequence[float] | None = None,
         eps = [0.3]                    # optional, overrides [eps] for this attack
     """
     path = Path(path)
-    doc = read_toml(path, "suite")
-    for key in doc:
-        if key not in _SUITE_KEYS:
-            raise RobustclipError(f"suite {path}: unknown key {key!r}; valid keys: {', '.join(_SUITE_KEYS)}")
-    eps_table = doc.get("eps", {})
-    if not isinstance(eps_table, dict) or set(eps_table) - set(NORMS):
-        raise RobustclipError(f"suite {path}: [eps] takes the keys {', '.join(NORMS)} (lists of numbers)")
-    entries = doc.get("attack", [])
-    if not isinstance(entries, list) or not entries:
-        raise RobustclipError(f"suite {path} has no [[attack]] tables")
+    doc = _checked(read_toml(path, "suite"), path)
+    eps_table, entries = doc.get("eps", {}), doc["attack"]
     labels = _labels(entries, path)
-    suite_name = str(doc.get("name", path.stem))
+    suite_name = doc.get("name", path.stem)
     specs: list[Spec] = []
     for entry, label in zip(entries, labels):
         if only is not None and entry.get("name") not in only and label not in only:
@@ -115,7 +109,7 @@ def load_suite(path: str | Path, eps: Sequence[float] | None = None,
             continue
         eps_list = _eps_list(eps, entry, eps_table, probe.norm, label, path)
         specs += [make_spec(entry["name"], e, label, **params) for e in eps_list]
-    if doc.get("cascade", False) is True:
+    if doc.get("cascade", False):
         specs = _as_cascades(specs, suite_name)
     if only is not None:
         known = {e["name"] for e in entries} | set(labels)  # before the norm filter
@@ -124,6 +118,44 @@ def load_suite(path: str | Path, eps: Sequence[float] | None = None,
             raise RobustclipError(f"attack {missing[0]!r} is not in suite {path}; it has: "
                                   f"{', '.join(dict.fromkeys(labels))}")
     return Suite(suite_name, tuple(specs))
+
+
+def _checked(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A suite document with its keys, their types and every [[attack]] table's name,
+    label, eps and norm checked (robustclip.schema); the attacks' own parameters are
+    checked by make_spec and make_cascade.  Raises RobustclipError naming the key and what it takes."""
+    where = f" in suite {path}"
+    known_keys(doc, _SUITE_KEYS, "key", where)
+    for key, value in doc.items():
+        typed(key, value, _SUITE_TYPES[key], where)
+    if "name" in doc:
+        text("name", doc["name"], where)
+    for norm, values in doc.get("eps", {}).items():
+        if norm not in NORMS:
+            raise unknown("norm", norm, NORMS, f" under [eps]{where}")
+        numbers(f"eps.{norm}", values, where)
+    if not doc.get("attack"):
+        raise RobustclipError(f"suite {path} has no [[attack]] tables")
+    for i, entry in enumerate(doc["attack"]):
+        _check_entry(entry, f" in [[attack]] {i + 1} of suite {path}")
+    return doc
+
+
+def _check_entry(entry: Any, where: str) -> None:
+    """One [[attack]] table: a name of an attack or cascade, an optional printable label,
+    eps list and norm."""
+    typed("[[attack]]", entry, dict, where)
+    if "name" not in entry:
+        raise RobustclipError(f"every [[attack]] needs a name{where}")
+    name = text("name", entry["name"], where)
+    if name not in VERSIONS and name not in ATTACKS:
+        raise unknown("attack", name, [*VERSIONS, *ATTACKS], where)
+    if "label" in entry:
+        text("label", entry["label"], where)
+    if "eps" in entry:
+        numbers("eps", entry["eps"], where)
+    if "norm" in entry and entry["norm"] not in NORMS:
+        raise unknown("norm", entry["norm"], NORMS, where)
 
 
 def _eps_list(eps: Sequence[float] | None, entry: dict, eps_table: dict, norm: str, label: str,
@@ -147,14 +179,11 @@ def _as_cascades(specs: list[Spec], name: str) -> list[Spec]:
 
 def _labels(entries: list, path: Path) -> list[str]:
     """Each entry's label: its 'label', else its name, else name(k=v, ...) for duplicates."""
-    for entry in entries:
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise RobustclipError(f"suite {path}: every [[attack]] needs a name")
     names = [e["name"] for e in entries]
     labels = []
     for entry in entries:
         if "label" in entry:
-            labels.append(str(entry["label"]))
+            labels.append(entry["label"])
             continue
         twins = [e for e in entries if e["name"] == entry["name"] and "label" not in e]
         if len(twins) == 1:
