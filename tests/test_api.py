@@ -168,7 +168,7 @@ def test_resume_with_a_damaged_settings_file_is_one_line(tmp_path):
     (tmp_path / ".journal").mkdir()
     (tmp_path / ".journal" / "attack.json").write_text("{not json")
     result = CliRunner().invoke(main, ["attack", "--resume", str(tmp_path)])
-    assert result.exit_code == 2 and "is not the JSON robustclip wrote" in result.stderr
+    assert result.exit_code == 2 and "is not JSON, so it is not the settings robustclip wrote" in result.stderr
 
 
 def test_api_limit_below_one(models, data):
