@@ -78,20 +78,26 @@ def unwrapped(module: nn.Module) -> nn.Module | None:
     return module
 
 
-_ONE_LIPSCHITZ = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, GroupSort, nn.ELU, nn.CELU,
+_ONE_LIPSCHITZ = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, GroupSort, nn.CELU,
                   nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Softplus,
                   nn.Softmax, nn.Softmin, nn.Softmax2d)
 _NORM_PRESERVING = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
                     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
                     nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+_FIXED_CONSTANTS: tuple[tuple[type, tuple[Callable, ...], float], ...] = (
+    (nn.Sigmoid, (torch.sigmoid, F.sigmoid), 0.25),
+    (nn.Hardsigmoid, (F.hardsigmoid,), 1 / 6),
+    (nn.GELU, (F.gelu,), GELU_LIPSCHITZ),
+    (nn.SiLU, (F.silu,), SILU_LIPSCHITZ),
+    (nn.Mish, (F.mish,), MISH_LIPSCHITZ),
+    (nn.Hardswish, (F.hardswish,), HARDSWISH_LIPSCHITZ),
+    (nn.SELU, (F.selu,), SELU_LIPSCHITZ),
+)
+"""(module class, its functional forms, Lipschitz constant) of activations without a
+parameter that changes the constant."""
 _CONSTANTS: dict[type, Callable[[nn.Module], float | None]] = {
-    nn.Sigmoid: lambda m: 0.25,
-    nn.Hardsigmoid: lambda m: 1 / 6,
-    nn.GELU: lambda m: GELU_LIPSCHITZ,
-    nn.SiLU: lambda m: SILU_LIPSCHITZ,
-    nn.Mish: lambda m: MISH_LIPSCHITZ,
-    nn.Hardswish: lambda m: HARDSWISH_LIPSCHITZ,
-    nn.SELU: lambda m: SELU_LIPSCHITZ,
+    **{cls: (lambda m, c=c: c) for cls, _, c in _FIXED_CONSTANTS},
+    nn.ELU: lambda m: max(1.0, abs(m.alpha)),
     nn.LeakyReLU: lambda m: max(1.0, abs(m.negative_slope)),
     nn.RReLU: lambda m: max(1.0, abs(m.lower), abs(m.upper)),
     nn.PReLU: lambda m: max(1.0, float(m.weight.detach().abs().max())),
@@ -125,8 +131,6 @@ def module_lipschitz(module: nn.Module) -> float | None:
     if _is(module, _NORM_PRESERVING):
         return 1.0
     if _is(module, _ONE_LIPSCHITZ):
-        if isinstance(module, nn.ELU):
-            return max(1.0, abs(module.alpha))
         return 1.0
     for cls, constant in _CONSTANTS.items():
         if _is(module, (cls,)):
@@ -177,14 +181,7 @@ _NORM_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
              F.feature_alpha_dropout}
 _FUNCTION_CONSTANTS: dict[Any, Callable[[Any], float | None]] = {
-    torch.sigmoid: lambda n: 0.25,
-    F.sigmoid: lambda n: 0.25,
-    F.hardsigmoid: lambda n: 1 / 6,
-    F.gelu: lambda n: GELU_LIPSCHITZ,
-    F.silu: lambda n: SILU_LIPSCHITZ,
-    F.mish: lambda n: MISH_LIPSCHITZ,
-    F.hardswish: lambda n: HARDSWISH_LIPSCHITZ,
-    F.selu: lambda n: SELU_LIPSCHITZ,
+    **{fn: (lambda n, c=c: c) for _, fns, c in _FIXED_CONSTANTS for fn in fns},
     F.elu: lambda n: max(1.0, abs(float(_arg(n, 1, "alpha", 1.0)))),
     F.leaky_relu: lambda n: max(1.0, abs(float(_arg(n, 1, "negative_slope", 0.01)))),
 }

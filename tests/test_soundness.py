@@ -121,6 +121,7 @@ def _scaled(module: nn.Module) -> nn.Module:
 PROVEN = {  # operator -> expected network kind; the bound must hold
     "ReLU": nn.ReLU(), "ReLU6": nn.ReLU6(), "LeakyReLU(3)": nn.LeakyReLU(3.0),
     "PReLU": nn.PReLU(init=-2.0), "RReLU": nn.RReLU(0.1, 0.3), "ELU": nn.ELU(),
+    "ELU(3)": nn.ELU(3.0),
     "CELU(0.5)": nn.CELU(0.5), "SELU": nn.SELU(), "GELU": nn.GELU(),
     "GELU(tanh)": nn.GELU("tanh"), "SiLU": nn.SiLU(), "Mish": nn.Mish(),
     "Sigmoid": nn.Sigmoid(), "Tanh": nn.Tanh(), "Hardtanh": nn.Hardtanh(),
@@ -195,7 +196,7 @@ def _sup_slope(f) -> float:  # noqa: ANN001
 
 @pytest.mark.parametrize("module", [nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Mish(),
                                     nn.Hardswish(), nn.SELU(), nn.Sigmoid(), nn.Hardsigmoid(),
-                                    nn.Tanh(), nn.ELU(), nn.CELU(2.0), nn.Softplus(0.5),
+                                    nn.Tanh(), nn.ELU(), nn.ELU(3.0), nn.CELU(2.0), nn.Softplus(0.5),
                                     nn.LeakyReLU(-3.0), nn.Softsign(), nn.Tanhshrink(),
                                     nn.LogSigmoid()], ids=repr)
 def test_each_constant_is_the_supremum_of_the_slope(module):
