@@ -452,7 +452,7 @@ def _certified(clean: CleanPass, labels: Tensor, bound: Bound, spec: Spec,
     if math.isnan(bound.value) or bound.kind not in SOUND:
         return None
     return certified(clean.logits, labels, bound.value,
-                     l2_radius(spec.norm, spec.eps, shape)).cpu() & clean.correct.cpu()
+                     l2_radius(spec.norm, spec.eps, shape)).cpu()
 
 
 def _combine(evaluation: Evaluation, suite: str | None) -> None:
