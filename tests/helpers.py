@@ -5,8 +5,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from click.testing import CliRunner, Result
+
 from robustclip.data import synthetic
 from robustclip.models import Normalize
+
+def cli(*args: str) -> Result:
+    """``robustclip ARGS...`` in this process (stdout and stderr apart)."""
+    from robustclip.cli import main  # imported late: some tests check what the CLI imports
+
+    return CliRunner().invoke(main, list(args))
+
+
+def refused(result: Result, *parts: str) -> str:
+    """The single stderr line of a refused command: exit 2, one ``error: ...`` line that
+    contains each of ``parts``; returns that line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(p in lines[0] for p in parts), lines[0]
+    return lines[0]
+
 
 #: synthetic images of the tiny classifiers
 SHAPE = (1, 10, 10)

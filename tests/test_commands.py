@@ -8,13 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
 from robustclip import checkpoint
 from robustclip.errors import RobustclipError
 from robustclip.evaluation import evaluate, make_spec
 from robustclip.models import build_model
 from robustclip.report import prepare_out_dir, results_table, write_results
+from helpers import cli as _cli, refused as _refused
 
 
 def test_report_files(models, data, tmp_path):
@@ -71,12 +71,6 @@ def runs(tmp_path_factory):
     corrupt.write_bytes(b"not a checkpoint")
     paths["corrupt"] = str(corrupt)
     return paths
-
-
-def _cli(*args: str):
-    from robustclip.cli import main
-
-    return CliRunner().invoke(main, list(args))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -221,14 +215,6 @@ def test_layer_names_agree_in_metrics_tensorboard_and_lipschitz(synthetic_runs):
 
 
 # ------------------------------------------------------------------ faults (issue #13)
-
-def _refused(result, *parts: str) -> str:
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(p in lines[0] for p in parts), lines[0]
-    return lines[0]
-
 
 def _no_attack(monkeypatch):
     """Fail the test if the command gets as far as loading data (the long work)."""

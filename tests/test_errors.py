@@ -6,22 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from click.testing import CliRunner
 
-from robustclip.cli import main
-
-
-def _cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _one_line(result, *parts: str) -> str:
-    """The single stderr line of a refused command (exit 2), checked to contain ``parts``."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(p in lines[0] for p in parts), lines[0]
-    return lines[0]
+from helpers import cli as _cli, refused as _one_line
 
 
 # ------------------------------------------------------------------ click's usage errors

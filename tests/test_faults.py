@@ -25,19 +25,11 @@ from robustclip.config import to_toml
 from robustclip.files import TEMP_PREFIX
 from robustclip.train import train
 from test_train import rows, tiny
+from helpers import refused as _one_error_line
 
 
 def _train_cli(*args: str):
     return CliRunner().invoke(main, ["train", *args])
-
-
-def _one_error_line(result, *parts: str) -> str:
-    """The single stderr line of a refused command (exit 2), checked to contain ``parts``."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(p in lines[0] for p in parts), lines[0]
-    return lines[0]
 
 
 @pytest.fixture

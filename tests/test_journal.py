@@ -19,6 +19,7 @@ from robustclip.errors import RobustclipError
 from robustclip.evaluation import evaluate, make_cascade, make_spec
 from robustclip.evaluation.craft import runs
 from robustclip.evaluation.journal import Journal, model_digest
+from helpers import cli as _cli, refused as _one_line
 
 evaluate_module = importlib.import_module("robustclip.evaluation.evaluate")
 SPECS = [make_spec("fgsm", 0.1)]
@@ -233,22 +234,6 @@ def places(tmp_path, monkeypatch) -> dict[str, Path]:
 
 
 ATTACK = ["--attack", "fgsm", "--eps", "0.1", "--batch-size", "8"]
-
-
-def _cli(*args: str):
-    from click.testing import CliRunner
-
-    from robustclip.cli import main
-
-    return CliRunner().invoke(main, list(args))
-
-
-def _one_line(result, *parts: str) -> str:
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(p in lines[0] for p in parts), lines[0]
-    return lines[0]
 
 
 def _interrupt(monkeypatch, *args: str) -> None:

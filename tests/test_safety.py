@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from robustclip.errors import RobustclipError
 from test_train import tiny
+from helpers import cli as _cli, refused as _refused
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +22,6 @@ def run(tmp_path_factory) -> Path:
     path = train(tiny("none"), tmp_path_factory.mktemp("project") / "runs" / "a")
     torch.set_num_threads(threads)
     return Path(path)
-
-
-def _cli(*args: str):
-    from robustclip.cli import main
-
-    return CliRunner().invoke(main, list(args))
-
-
-def _refused(result, *parts: str) -> str:
-    """The one ``error:`` line of a refused command, which names each of ``parts``."""
-    assert result.exit_code == 2, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(p in lines[0] for p in parts), lines[0]
-    return lines[0]
 
 
 def _no_work(monkeypatch) -> None:
